@@ -1,0 +1,234 @@
+"""Typed configuration: the schema every composed Hydra config is validated against before anything runs.
+
+Hydra composes YAML groups and `key=value` overrides; `validate` then merges the result into these dataclasses,
+so an unknown key, a wrong type or an unsupported choice stops the run at start-up with a `UserError` that
+names the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, get_args, get_origin, get_type_hints
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from lit_open.errors import UserError
+from lit_open.model.config import ModelConfig
+
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+OPTIMIZERS = ("adamw",)
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+STRATEGIES = ("auto", "ddp")
+
+
+@dataclass
+class RunConfig:
+    name: str = "lit-open"
+    dir: str = "runs/${run.name}"
+    seed: int = 1234
+    recipe: str | None = None  # filled in from the `recipe=` choice; recorded for provenance
+
+
+@dataclass
+class SourceConfig:
+    path: str = MISSING  # a directory written by `lit-open prepare` (litdata chunks + manifest.json)
+    weight: float = 1.0  # relative share of this source in every global batch
+
+
+@dataclass
+class PrepareConfig:
+    """How `lit-open prepare` turns raw text into litdata token chunks."""
+
+    inputs: list[str] = field(default_factory=list)  # files, directories, globs, or `stdlib`
+    output: str = MISSING  # a directory; receives train/, val/ (if val_fraction > 0) and tokenizer.json
+    tokenizer: str | None = None  # a tokenizer.json (or a directory holding one); None: train a byte-level BPE
+    vocab_size: int = 4096  # size of the BPE trained when `tokenizer` is None
+    val_fraction: float = 0.0  # share of documents held out (chosen by a hash of file and document index)
+    text_key: str = "text"  # field holding the text in jsonl and parquet inputs
+    eos_token: str | None = None  # None: read from tokenizer_config.json next to the tokenizer, else guessed
+    add_special_tokens: bool = False  # let the tokenizer's post-processor add BOS/EOS of its own
+    chunk_tokens: int = 4_194_304  # tokens per litdata chunk file
+    num_workers: int = 2
+    overwrite: bool = False
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    val_sources: list[SourceConfig] = field(default_factory=list)
+    tokenizer: str | None = None  # tokenizer.json of the sources (checked against their manifests)
+    seq_len: int = 2048
+    micro_batch_size: int = 4  # sequences per forward/backward on one data-parallel rank
+    global_batch_size: int = 512  # sequences per optimizer step over all ranks (sets gradient accumulation)
+    num_workers: int = 1
+    val_samples: int = 256  # held-out sequences scored at each validation
+    prepare: PrepareConfig | None = None  # when set, builds the sources above on first use if they are missing
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 1000
+    keep_last: int = 3  # older resumable checkpoints are deleted (0: keep all)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping (the norm is still logged)
+    decay_embeddings: bool = False
+    decay_norms: bool = False
+    decay_biases: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine | linear | wsd | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # final LR as a fraction of optim.lr (cosine, linear, wsd)
+    decay_fraction: float = 0.1  # wsd: share of the steps spent decaying (when decay_steps is not set)
+    decay_steps: int | None = None  # wsd: length of the final decay
+    total_steps: int | None = None  # None: trainer.max_steps
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "auto"  # auto | ddp
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000  # optimizer steps
+    precision: str = "32-true"  # 32-true | bf16-mixed | bf16-true
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    val_check_interval: int = 100  # optimizer steps between validations; 0: only at the start and the end
+    validate_at_start: bool = True
+    matmul_precision: str | None = None  # torch.set_float32_matmul_precision on GPUs (e.g. high)
+
+
+@dataclass
+class LoggerConfig:
+    csv: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    # MISSING, not a default instance: a default ModelConfig() would bake the head_dim and n_kv_head that its
+    # __post_init__ derives for the default sizes into the schema, and they would survive the merge of a preset.
+    model: ModelConfig = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    plugins: dict[str, Any] = field(default_factory=dict)
+    resume: str = "auto"  # auto: newest checkpoint in run.dir, if any | none | a checkpoint path
+
+
+def to_typed(schema: type, cfg: DictConfig | dict, what: str) -> Any:
+    """Merge `cfg` into the dataclass `schema` and return an instance; bad keys and types become UserErrors."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise UserError(describe_omegaconf_error(err, schema, what)) from None
+
+
+def describe_omegaconf_error(err: OmegaConfBaseException, schema: type, what: str) -> str:
+    key = getattr(err, "full_key", None) or "?"
+    message = str(err).splitlines()[0]
+    if isinstance(err, ConfigKeyError):
+        # the dataclass the unknown key was merged into; full_key loses list indices (data.sources[0].x -> x)
+        owner = getattr(err, "object_type", None)
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        accepted = sorted(f.name for f in fields(owner)) if is_dataclass(owner) else schema_keys(schema, parent)
+        return f"Unknown {what} key '{key}'. Accepted keys here: {', '.join(accepted or []) or 'none'}."
+    if isinstance(err, MissingMandatoryValue):
+        return f"The {what} key '{key}' must be set (it has no default)."
+    value = getattr(err, "value", None)
+    expected = _field_type(schema, key)
+    got = f" {value!r}" if value is not None else ""
+    return f"Bad value{got} for {what} key '{key}': {message}." + (f" Expected {expected}." if expected else "")
+
+
+def _resolve_schema(schema: type, dotted: str) -> Any:
+    """The annotated type at `dotted` inside the dataclass `schema` (None when there is no such field)."""
+    current: Any = schema
+    for part in filter(None, dotted.split(".")):
+        if not is_dataclass(current):
+            return None
+        hints = get_type_hints(current)
+        if part not in hints:
+            return None
+        current = hints[part]
+        args = [a for a in get_args(current) if a is not type(None)]
+        if args and get_origin(current) is not dict:  # Optional[X] -> X
+            current = args[0]
+    return current
+
+
+def schema_keys(schema: type, dotted: str) -> list[str] | None:
+    """Field names of the dataclass at `dotted` inside `schema`, or None if it is not a dataclass."""
+    node = _resolve_schema(schema, dotted)
+    return sorted(f.name for f in fields(node)) if is_dataclass(node) else None
+
+
+def _field_type(schema: type, dotted: str) -> str | None:
+    node = _resolve_schema(schema, dotted)
+    return getattr(node, "__name__", None) or (str(node).replace("typing.", "") if node is not None else None)
+
+
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{key}={value!r} is not supported; choose one of: {', '.join(choices)}.")
+
+
+def validate(cfg: DictConfig | dict) -> TrainConfig:
+    """Return the typed config for a composed one, or raise a UserError that names the first problem."""
+    typed: TrainConfig = to_typed(TrainConfig, cfg, "config")
+    check_choice("optim.name", typed.optim.name, OPTIMIZERS)
+    check_choice("schedule.name", typed.schedule.name, SCHEDULES)
+    check_choice("strategy.name", typed.strategy.name, STRATEGIES)
+    check_choice("trainer.precision", typed.trainer.precision, PRECISIONS)
+    data = typed.data
+    for key in ("seq_len", "micro_batch_size", "global_batch_size"):
+        if getattr(data, key) < 1:
+            raise UserError(f"data.{key}={getattr(data, key)} must be a positive integer.")
+    if data.seq_len > typed.model.max_seq_len:
+        raise UserError(
+            f"data.seq_len={data.seq_len} is longer than the model's context, model.max_seq_len="
+            f"{typed.model.max_seq_len}; lower data.seq_len or raise model.max_seq_len."
+        )
+    if data.global_batch_size % data.micro_batch_size:
+        raise UserError(
+            f"data.global_batch_size={data.global_batch_size} must be a multiple of data.micro_batch_size="
+            f"{data.micro_batch_size} (times the number of data-parallel processes)."
+        )
+    for key, sources in (("data.sources", data.sources), ("data.val_sources", data.val_sources)):
+        for i, source in enumerate(sources):
+            if source.weight <= 0:
+                raise UserError(f"{key}[{i}].weight={source.weight} must be positive.")
+    if typed.trainer.max_steps < 1:
+        raise UserError(f"trainer.max_steps={typed.trainer.max_steps} must be at least 1.")
+    if typed.checkpoint.every_n_steps < 1:
+        raise UserError(f"checkpoint.every_n_steps={typed.checkpoint.every_n_steps} must be at least 1.")
+    if typed.trainer.val_check_interval < 0:
+        raise UserError("trainer.val_check_interval must be 0 (start and end only) or a number of steps.")
+    schedule = typed.schedule
+    if not 0.0 <= schedule.min_lr_ratio <= 1.0:
+        raise UserError(f"schedule.min_lr_ratio={schedule.min_lr_ratio} must be between 0 and 1.")
+    if not 0.0 < schedule.decay_fraction <= 1.0:
+        raise UserError(f"schedule.decay_fraction={schedule.decay_fraction} must be in (0, 1].")
+    if len(typed.optim.betas) != 2:
+        raise UserError(f"optim.betas={typed.optim.betas} must be two numbers, e.g. [0.9,0.95].")
+    return typed

@@ -1,0 +1,9 @@
+"""Errors that are the user's to fix: the CLI prints them as one paragraph and exits with status 2."""
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, path, checkpoint), with a message that says what to do.
+
+    The message names the bad key, path or value and what would be accepted. The CLI prints it without a
+    traceback (set LIT_OPEN_DEBUG=1 to see one) and exits with status 2.
+    """
