@@ -1,0 +1,639 @@
+"""`lit-open prepare`: raw text -> tokenizer -> litdata token chunks + a manifest per split.
+
+Output layout (built in `<output>.tmp-<pid>` and renamed to `<output>` only when complete)::
+
+    <output>/tokenizer.json        the tokenizer used (copied byte for byte, or the one trained here)
+    <output>/train/                litdata chunks (TokensLoader), one 1-D array per document, EOS after each
+    <output>/train/manifest.json   counts per source, tokenizer hash, dtype, ... (see `read_manifest`)
+    <output>/val/                  the same for the held-out documents, only when val_fraction > 0
+
+Tokenizing runs in litdata `optimize` workers (spawned processes). Each work item is a run of consecutive input
+files; the worker function yields one array per document and, when a run is done, writes that run's per-file
+document and token counts to a side directory, which the main process sums into the manifest. So the counts are
+exact without tokenizing twice, and they are checked against the token total of litdata's own index.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lit_open.config import PrepareConfig
+from lit_open.data.readers import InputFile, discover, is_held_out, iter_documents
+from lit_open.errors import UserError
+
+FORMAT = "lit-open-tokens/1"
+DEFAULT_EOS = "<|endoftext|>"
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+
+_ENCODE_BATCH_DOCS = 1024  # documents handed to the Rust tokenizer at once (it encodes a batch in parallel)
+_ENCODE_BATCH_CHARS = 4 << 20
+_ITEM_MAX_BYTES = 32 << 20  # a work item is a run of consecutive files of at most this many bytes (or one file)
+_ITEMS_PER_WORKER = 4
+# A worker process costs seconds to start (it imports torch), and the Rust tokenizer already encodes a batch on
+# all cores, so a worker is added per this many bytes of text only (the 11 MB stdlib: one worker, 2x faster).
+_BYTES_PER_WORKER = 64 << 20
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+# ------------------------------------------------------------------------------------------------- public API
+
+
+def prepare(cfg: PrepareConfig) -> Path:
+    """Tokenize `cfg.inputs` into litdata chunks under `cfg.output`; return the output directory.
+
+    Raises UserError for every problem with the inputs or the config. An interrupted or failed run leaves no
+    `<output>` behind (and an existing one untouched).
+    """
+    start = time.perf_counter()
+    _check_config(cfg)
+    output = Path(cfg.output).expanduser().absolute()
+    if (output.exists() or output.is_symlink()) and not cfg.overwrite:
+        raise UserError(
+            f"The prepare output {output} already exists. Pass overwrite=true to replace it (the new data "
+            "replaces it only once complete), or choose another output=."
+        )
+    if cfg.tokenizer is not None:  # check it before any work
+        given = tokenizer_file(cfg.tokenizer)
+        tokenizer = load_tokenizer(given)
+        eos_token, eos_id = resolve_eos(tokenizer, given, cfg.eos_token)
+    tmp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
+    _warn_stale_tmp(output, tmp)
+    siblings = [*output.parent.glob(f"{output.name}.tmp-*"), *output.parent.glob(f"{output.name}.old-*")]
+    sources = discover(cfg.inputs, exclude=[output, tmp, *siblings])  # never read our own (old, partial) output
+    files = [f for source in sources for f in source]
+    total_bytes = sum(f.size for f in files)
+    console.print(
+        f"Found {len(files)} files ({_mb(total_bytes)}) in {len(sources)} input{'s' if len(sources) > 1 else ''}."
+    )
+
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        tokenizer_path = tmp / TOKENIZER_FILE
+        if cfg.tokenizer is None:
+            tokenizer = _train_on_inputs(cfg, sources, files)
+            tokenizer.save(str(tokenizer_path))
+            eos_token = cfg.eos_token or DEFAULT_EOS
+            eos_id = tokenizer.token_to_id(eos_token)
+        else:
+            shutil.copyfile(given, tokenizer_path)
+        vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        dtype = token_dtype(tokenizer)
+        tokenizer_info = {
+            "sha256": hashlib.sha256(tokenizer_path.read_bytes()).hexdigest(),
+            "vocab_size": vocab_size,
+            "eos_token": eos_token,
+            "eos_id": eos_id,
+        }
+        job = _Job(
+            files=tuple((f.path, f.key) for f in files),
+            split="train",
+            val_fraction=cfg.val_fraction,
+            text_key=cfg.text_key,
+            tokenizer_path=str(tokenizer_path),
+            eos_id=eos_id,
+            dtype=dtype,
+            add_special_tokens=cfg.add_special_tokens,
+            stats_dir=str(tmp / "_work" / "stats"),
+        )
+        # train: every file (each worker also counts the held-out documents it skips); val: only files that have any
+        sizes = {i: f.size for i, f in enumerate(files)}
+        stats = {"train": _write_split(job, sizes, tmp, cfg)}
+        train_docs, held_out = [0] * len(sources), [0] * len(sources)
+        for i, s in stats["train"].items():
+            train_docs[files[i].source] += s.documents
+            held_out[files[i].source] += s.other
+        _check_documents(cfg, sources, train_docs, held_out)
+        if cfg.val_fraction > 0:
+            # the files holding held-out documents, weighted by the share of their documents held out
+            sizes = {
+                i: files[i].size * s.other // (s.other + s.documents) for i, s in stats["train"].items() if s.other
+            }
+            stats["val"] = _write_split(replace(job, split="val"), sizes, tmp, cfg)
+
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for split, per_file in stats.items():
+            manifest = _manifest(cfg, split, sources, per_file, dtype, tokenizer_info, created)
+            (tmp / split / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        shutil.rmtree(tmp / "_work")
+        _publish(tmp, output, cfg.overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    parts = []
+    for split, per_file in stats.items():
+        docs, tokens = sum(s.documents for s in per_file.values()), sum(s.tokens for s in per_file.values())
+        parts.append(f"{split} {docs:,} documents / {tokens:,} tokens")
+    console.print(f"Prepared {output}: {', '.join(parts)} ({dtype}) in {time.perf_counter() - start:.1f} s.")
+    return output
+
+
+def read_manifest(split_dir: str | Path) -> dict[str, Any]:
+    """The manifest of one prepared split (e.g. `<output>/train`). UserError if it is absent or invalid."""
+    split_dir = Path(split_dir).expanduser()
+    path = split_dir / MANIFEST
+    if not path.is_file():
+        hint = ""
+        if (split_dir / "train" / MANIFEST).is_file():
+            hint = f" It holds a prepared dataset: point at one of its splits, e.g. {split_dir / 'train'}."
+        elif (split_dir / "index.json").is_file():
+            hint = " It holds litdata chunks, but not ones written by `lit-open prepare`."
+        raise UserError(
+            f"{split_dir} is not a split prepared by `lit-open prepare` (no {MANIFEST} in it).{hint} Run "
+            "`lit-open prepare` to build one, or fix the data path."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"Could not read {path}: {err}. Re-run `lit-open prepare` to rebuild it.") from None
+    if not isinstance(manifest, dict):
+        manifest = {}
+    missing = [k for k in ("format", "split", "documents", "tokens", "dtype", "tokenizer") if k not in manifest]
+    if missing or manifest["format"] != FORMAT:
+        found = manifest.get("format")
+        raise UserError(
+            f"{path} is not a valid lit-open manifest (format {found!r}, expected {FORMAT!r}"
+            + (f"; missing {', '.join(missing)}" if missing else "")
+            + "). Re-run `lit-open prepare` with this version of lit-open to rebuild the data."
+        )
+    return manifest
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    """The tokenizer.json that `path` names: the file itself, or the one in a directory. UserError otherwise."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if (p / TOKENIZER_FILE).is_file():
+            return p / TOKENIZER_FILE
+        other = [n for n in ("tokenizer.model", "vocab.json", "spiece.model") if (p / n).exists()]
+        hint = (
+            f" It has {', '.join(other)}: save it in the fast format first, e.g. with transformers: "
+            f"AutoTokenizer.from_pretrained('{p}').save_pretrained('{p}')."
+            if other
+            else ""
+        )
+        raise UserError(
+            f"The tokenizer directory {p} holds no {TOKENIZER_FILE}.{hint} Give tokenizer= a Hugging Face "
+            f"`tokenizers` {TOKENIZER_FILE} or a directory holding one, or leave it unset to train a BPE."
+        )
+    if not p.is_file():
+        raise UserError(
+            f"The tokenizer {p} does not exist. Give tokenizer= a Hugging Face `tokenizers` {TOKENIZER_FILE} or a "
+            "directory holding one, or leave it unset to train a byte-level BPE on the inputs."
+        )
+    return p
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json (or the one in a directory). UserError if it is missing or unreadable."""
+    file = tokenizer_file(path)
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises a bare Exception for bad files
+        raise UserError(
+            f"Could not load the tokenizer {file}: {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
+            f"tokenizer= must be a Hugging Face `tokenizers` {TOKENIZER_FILE} (as written by "
+            "Tokenizer.save or save_pretrained), or a directory holding one."
+        ) from None
+
+
+def resolve_eos(tokenizer: Tokenizer, path: str | Path, eos_token: str | None = None) -> tuple[str, int]:
+    """The end-of-document token and its id: `eos_token` if given, else the `eos_token` of a tokenizer_config.json
+    next to the tokenizer, else the first of `EOS_CANDIDATES` in the vocabulary. UserError if none is found."""
+    file = tokenizer_file(path)
+    if eos_token:
+        eos_id = tokenizer.token_to_id(eos_token)
+        if eos_id is None:
+            raise UserError(
+                f"eos_token={eos_token!r} is not in the vocabulary of the tokenizer {file}. Pass the token that "
+                "ends a document in this tokenizer (e.g. one of its special tokens)."
+            )
+        return eos_token, eos_id
+    config_path = file.parent / "tokenizer_config.json"
+    if config_path.is_file():
+        try:
+            value = json.loads(config_path.read_text()).get("eos_token")
+        except (OSError, ValueError, AttributeError) as err:
+            raise UserError(
+                f"Could not read {config_path}: {err}. Fix it, or pass eos_token= to name the end-of-document token."
+            ) from None
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            eos_id = tokenizer.token_to_id(value)
+            if eos_id is None:
+                raise UserError(
+                    f"{config_path} names eos_token {value!r}, which is not in the vocabulary of {file}. Pass "
+                    "eos_token= to name the end-of-document token."
+                )
+            return value, eos_id
+    for candidate in EOS_CANDIDATES:
+        eos_id = tokenizer.token_to_id(candidate)
+        if eos_id is not None:
+            return candidate, eos_id
+    raise UserError(
+        f"Could not tell the end-of-document token of the tokenizer {file}: no eos_token= was given, there is no "
+        f"tokenizer_config.json with an eos_token next to it, and none of {', '.join(EOS_CANDIDATES)} is in its "
+        "vocabulary. Pass eos_token= with the token that ends a document."
+    )
+
+
+def token_dtype(tokenizer: Tokenizer) -> str:
+    """ "uint16" when every token id fits in it (a vocabulary of at most 65536), else "int32"."""
+    max_id = max([tokenizer.get_vocab_size(with_added_tokens=True) - 1, *tokenizer.get_vocab(True).values()])
+    return "uint16" if max_id <= np.iinfo(np.uint16).max else "int32"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, eos_token: str = DEFAULT_EOS) -> Tokenizer:
+    """A byte-level BPE (GPT-2 style, no prefix space) trained on `texts`, with `eos_token` as id 0."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[eos_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------------- internals
+
+
+@dataclass
+class _FileStats:
+    documents: int = 0  # documents of this split
+    tokens: int = 0  # their tokens, EOS included
+    other: int = 0  # documents of the other split (skipped)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a tokenizing worker needs (pickled into each spawned litdata worker)."""
+
+    files: tuple[tuple[str, str], ...]  # (path, key) of every input file
+    split: str
+    val_fraction: float
+    text_key: str
+    tokenizer_path: str
+    eos_id: int
+    dtype: str
+    add_special_tokens: bool
+    stats_dir: str
+
+
+def _check_config(cfg: PrepareConfig) -> None:
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise UserError(
+            f"val_fraction={cfg.val_fraction} must be at least 0 and below 1 (the share of documents held out for "
+            "validation, e.g. 0.01); 0 writes no val split."
+        )
+    if cfg.tokenizer is None and cfg.vocab_size < 257:
+        raise UserError(
+            f"vocab_size={cfg.vocab_size} is too small for a byte-level BPE: it needs the 256 byte tokens and the "
+            "end-of-document token, so at least 257 (e.g. 4096, 32000)."
+        )
+    if cfg.chunk_tokens < 1:
+        raise UserError(f"chunk_tokens={cfg.chunk_tokens} must be a positive number of tokens per chunk file.")
+    if cfg.num_workers < 0:
+        raise UserError(f"num_workers={cfg.num_workers} must be 0 or more (0 and 1 both mean one worker process).")
+    if not cfg.text_key:
+        raise UserError("text_key= must name the field (jsonl) or column (parquet) that holds the text.")
+    if isinstance(cfg.inputs, str):
+        raise UserError(f"inputs={cfg.inputs!r} must be a list, e.g. inputs='[{cfg.inputs}]'.")
+
+
+def _train_on_inputs(cfg: PrepareConfig, sources: list[list[InputFile]], files: list[InputFile]) -> Tokenizer:
+    eos_token = cfg.eos_token or DEFAULT_EOS
+    counts = [[0, 0] for _ in sources]  # per source: train documents, held-out documents
+    seen = {"documents": 0, "chars": 0}
+
+    def train_texts() -> Iterator[str]:
+        for f in files:
+            for index, text in iter_documents(f.path, cfg.text_key):
+                if is_held_out(f.key, index, cfg.val_fraction):
+                    counts[f.source][1] += 1
+                    continue
+                counts[f.source][0] += 1
+                seen["documents"] += 1
+                seen["chars"] += len(text)
+                yield text
+
+    train_bytes = sum(f.size for f in files)
+    console.print(
+        f"Training a {cfg.vocab_size}-token byte-level BPE on the train split of {len(files)} files "
+        f"({_mb(train_bytes)}{f', less the {cfg.val_fraction:g} held out' if cfg.val_fraction else ''})..."
+    )
+    t0 = time.perf_counter()
+    tokenizer = train_bpe(train_texts(), cfg.vocab_size, eos_token)
+    _check_documents(cfg, sources, [c[0] for c in counts], [c[1] for c in counts])
+    console.print(
+        f"  trained on {seen['documents']:,} documents ({seen['chars'] / 1e6:.1f} M characters) in "
+        f"{time.perf_counter() - t0:.1f} s; vocabulary {tokenizer.get_vocab_size():,}."
+    )
+    return tokenizer
+
+
+def _check_documents(
+    cfg: PrepareConfig, sources: list[list[InputFile]], train_documents: list[int], held_out: list[int]
+) -> None:
+    """UserError for an input without documents, or a split that would be empty (counts are per input)."""
+    for s, spec in enumerate(cfg.inputs):
+        if train_documents[s] + held_out[s] == 0:
+            raise UserError(
+                f"The input '{spec}' yields no documents: its {len(sources[s])} file(s) hold only empty text. Remove "
+                f"it from inputs=, or check that text_key={cfg.text_key!r} names the field that holds the text."
+            )
+    if sum(train_documents) == 0:
+        raise UserError(
+            f"val_fraction={cfg.val_fraction} held out every one of the {sum(held_out)} documents, leaving none to "
+            "train on. Lower val_fraction= or add inputs."
+        )
+    if cfg.val_fraction > 0 and sum(held_out) == 0:
+        raise UserError(
+            f"val_fraction={cfg.val_fraction} held out none of the {sum(train_documents)} documents (the split is by "
+            "a hash of file and document index). Raise val_fraction=, add inputs, or set val_fraction=0."
+        )
+
+
+def _write_split(job: _Job, sizes: dict[int, int], tmp: Path, cfg: PrepareConfig) -> dict[int, _FileStats]:
+    """Tokenize the `job.split` documents of the files `sizes` names (file index: bytes of text to tokenize, about)
+    into `tmp/<split>`; return the per-file counts."""
+    from litdata import TokensLoader, optimize
+
+    file_indices = sorted(sizes)
+    total = sum(sizes.values())
+    num_workers = max(1, min(cfg.num_workers, -(-total // _BYTES_PER_WORKER)))
+    items = _work_items(file_indices, sizes, num_workers)
+    num_workers = min(num_workers, len(items))
+    out_dir = tmp / job.split
+    out_dir.mkdir()
+    stats_dir = Path(job.stats_dir)
+    shutil.rmtree(stats_dir, ignore_errors=True)
+    stats_dir.mkdir(parents=True)
+    console.print(
+        f"Tokenizing the {job.split} split ({len(file_indices)} files, {num_workers} worker process"
+        f"{'es' if num_workers > 1 else ''})..."
+    )
+    t0 = time.perf_counter()
+    with _litdata_sandbox(tmp / "_work"):
+        try:
+            optimize(
+                fn=functools.partial(_tokenize_item, job=job),
+                inputs=items,
+                output_dir=str(out_dir),
+                chunk_size=cfg.chunk_tokens,
+                item_loader=TokensLoader(),
+                num_workers=num_workers,
+                mode="overwrite",
+                reorder_files=False,
+                # One worker reads its items in order either way, and the unordered mode skips a process per
+                # worker that litdata starts otherwise; with several workers, ordered mode keeps the output (the
+                # order of documents and chunks) identical from run to run.
+                keep_data_ordered=num_workers > 1,
+                verbose=False,
+            )
+        except Exception:
+            errors = sorted(stats_dir.glob("error-*.txt"))
+            if errors:
+                raise UserError(errors[0].read_text()) from None
+            raise
+    stats = _read_stats(stats_dir, file_indices)
+    tokens = sum(s.tokens for s in stats.values())
+    documents = sum(s.documents for s in stats.values())
+    written = _index_tokens(out_dir)
+    if written != tokens:
+        raise RuntimeError(f"lit-open bug: litdata wrote {written} tokens to {out_dir}, the workers counted {tokens}.")
+    console.print(f"  {job.split}: {documents:,} documents, {tokens:,} tokens in {time.perf_counter() - t0:.1f} s.")
+    return stats
+
+
+def _work_items(file_indices: list[int], sizes: dict[int, int], num_workers: int) -> list[list[int]]:
+    """Runs of consecutive files of similar total size, a few per worker (litdata gives each worker a slice)."""
+    target = min(_ITEM_MAX_BYTES, max(1, sum(sizes.values()) // (num_workers * _ITEMS_PER_WORKER)))
+    items: list[list[int]] = []
+    size = 0
+    for i in file_indices:
+        if items and size + sizes[i] <= target:
+            items[-1].append(i)
+            size += sizes[i]
+        else:
+            items.append([i])
+            size = sizes[i]
+    return items
+
+
+def _tokenize_item(item: list[int], job: _Job) -> Iterator[np.ndarray]:
+    """litdata worker fn: yield one token array (EOS appended) per `job.split` document of the item's files."""
+    try:
+        tokenizer = _cached_tokenizer(job.tokenizer_path)
+        encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+        dtype = np.dtype(job.dtype)
+        stats = {i: _FileStats() for i in item}
+        want_val = job.split == "val"
+        batch: list[tuple[int, str]] = []
+        chars = 0
+
+        def flush() -> Iterator[np.ndarray]:
+            encodings = encode([text for _, text in batch], add_special_tokens=job.add_special_tokens)
+            for (i, _), encoding in zip(batch, encodings):
+                ids = encoding.ids
+                ids.append(job.eos_id)
+                stats[i].documents += 1
+                stats[i].tokens += len(ids)
+                yield np.asarray(ids, dtype=dtype)
+            batch.clear()
+
+        for i in item:
+            path, key = job.files[i]
+            for index, text in iter_documents(path, job.text_key):
+                if is_held_out(key, index, job.val_fraction) != want_val:
+                    stats[i].other += 1
+                    continue
+                batch.append((i, text))
+                chars += len(text)
+                if len(batch) >= _ENCODE_BATCH_DOCS or chars >= _ENCODE_BATCH_CHARS:
+                    yield from flush()
+                    chars = 0
+        if batch:
+            yield from flush()
+        record = {str(i): [s.documents, s.tokens, s.other] for i, s in stats.items()}
+        _write_atomic(Path(job.stats_dir) / f"item-{item[0]}.json", json.dumps(record))
+    except UserError as err:
+        _write_atomic(Path(job.stats_dir) / f"error-{item[0]:09d}.txt", str(err))
+        raise
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_tokenizer(path: str) -> Tokenizer:
+    return Tokenizer.from_file(path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    part = path.with_name(path.name + ".part")
+    part.write_text(text)
+    os.replace(part, path)
+
+
+def _read_stats(stats_dir: Path, file_indices: list[int]) -> dict[int, _FileStats]:
+    stats: dict[int, _FileStats] = {}
+    for path in stats_dir.glob("item-*.json"):
+        for i, (documents, tokens, other) in json.loads(path.read_text()).items():
+            stats[int(i)] = _FileStats(documents, tokens, other)
+    missing = set(file_indices) - set(stats)
+    if missing:
+        raise RuntimeError(f"lit-open bug: no token counts came back for {len(missing)} input file(s).")
+    return stats
+
+
+def _index_tokens(split_dir: Path) -> int:
+    index = json.loads((split_dir / "index.json").read_text())
+    return sum(chunk["dim"] for chunk in index["chunks"])
+
+
+@contextmanager
+def _litdata_sandbox(work_dir: Path) -> Iterator[None]:
+    """Undo what litdata's `optimize` changes process-wide, and keep its scratch dirs private.
+
+    optimize sets the multiprocessing start method to spawn (force=True), installs a SIGINT handler that calls
+    os._exit(0) (so Ctrl-C would exit with status 0 and skip our clean-up), sets DATA_OPTIMIZER_* environment
+    variables, and empties `$TMPDIR/chunks` and `$TMPDIR/data` unless DATA_OPTIMIZER_CACHE_FOLDER /
+    DATA_OPTIMIZER_DATA_CACHE_FOLDER point elsewhere. While inside, its SIGINT handler stops the workers and
+    raises KeyboardInterrupt instead.
+    """
+    from litdata.processing.data_processor import DataProcessor
+
+    patched = hasattr(DataProcessor, "_signal_handler")  # litdata 0.2.x; without it, litdata's own behaviour
+    if patched:
+        litdata_handler = DataProcessor.__dict__["_signal_handler"]
+        DataProcessor._signal_handler = _interrupt_optimize
+    start_method = multiprocessing.get_start_method(allow_none=True)
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
+    env_keys = (
+        "DATA_OPTIMIZER_CACHE_FOLDER",
+        "DATA_OPTIMIZER_DATA_CACHE_FOLDER",
+        "DATA_OPTIMIZER_NUM_WORKERS",
+        "DATA_OPTIMIZER_GLOBAL_RANK",
+    )
+    saved_env = {k: os.environ.get(k) for k in env_keys}
+    os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = str(work_dir / "litdata-chunks")
+    os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] = str(work_dir / "litdata-data")
+    try:
+        yield
+    finally:
+        if patched:
+            DataProcessor._signal_handler = litdata_handler
+        multiprocessing.set_start_method(start_method, force=True)
+        if main_thread and sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _interrupt_optimize(self: Any, signum: int, frame: Any) -> None:
+    """SIGINT during `optimize`: stop litdata's worker processes, then raise KeyboardInterrupt (not os._exit(0))."""
+    for worker in getattr(self, "workers", []):
+        worker.terminate()
+    raise KeyboardInterrupt
+
+
+def _manifest(
+    cfg: PrepareConfig,
+    split: str,
+    sources: list[list[InputFile]],
+    per_file: dict[int, _FileStats],
+    dtype: str,
+    tokenizer_info: dict[str, Any],
+    created: str,
+) -> dict[str, Any]:
+    files = [f for source in sources for f in source]
+    per_source = [
+        {"input": spec, "files": len(sources[s]), "documents": 0, "tokens": 0} for s, spec in enumerate(cfg.inputs)
+    ]
+    for i, s in per_file.items():
+        entry = per_source[files[i].source]
+        entry["documents"] += s.documents
+        entry["tokens"] += s.tokens
+    return {
+        "format": FORMAT,
+        "split": split,
+        "documents": sum(s["documents"] for s in per_source),
+        "tokens": sum(s["tokens"] for s in per_source),
+        "dtype": dtype,
+        "tokenizer": tokenizer_info,
+        "sources": per_source,
+        "val_fraction": cfg.val_fraction,
+        "text_key": cfg.text_key,
+        "add_special_tokens": cfg.add_special_tokens,
+        "chunk_tokens": cfg.chunk_tokens,
+        "created": created,
+        "lit_open_version": _version(),
+    }
+
+
+def _publish(tmp: Path, output: Path, overwrite: bool) -> None:
+    """Move the finished `tmp` to `output`; an existing output is replaced only now (and only with overwrite)."""
+    if output.exists() or output.is_symlink():
+        if not overwrite:
+            raise UserError(f"The prepare output {output} appeared while preparing; pass overwrite=true to replace it.")
+        old = output.with_name(f"{output.name}.old-{os.getpid()}")
+        os.rename(output, old)
+        os.rename(tmp, output)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    else:
+        os.rename(tmp, output)
+
+
+def _warn_stale_tmp(output: Path, own: Path) -> None:
+    if not output.parent.is_dir():
+        return
+    stale = [p for p in output.parent.glob(f"{output.name}.tmp-*") if p != own]
+    if stale:
+        console.print(
+            f"[yellow]Note:[/] {', '.join(str(p) for p in stale)} left by an interrupted prepare; delete "
+            f"{'it' if len(stale) == 1 else 'them'} if no other prepare is running."
+        )
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("lit-open")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _mb(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:.1f} MB"

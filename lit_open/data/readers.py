@@ -1,0 +1,239 @@
+"""Input discovery and document readers for `lit-open prepare`.
+
+An input is a file, a directory (searched recursively for `DOC_SUFFIXES`), a glob, or the word `stdlib` (the
+Python standard library's own sources). Every file is named by its path relative to the input's root (its
+`key`); the key and the document's index in the file decide, by a stable hash, whether the document is held out.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import sysconfig
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lit_open.errors import UserError
+
+STDLIB = "stdlib"
+DOC_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".txt", ".md", ".parquet", ".py")
+# Path components left out of `stdlib`: test suites and bulky parts that are not library code.
+STDLIB_SKIP = frozenset(
+    {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "__pycache__", "site-packages", "dist-packages"}
+)
+_GLOB_CHARS = frozenset("*?[")
+_PARQUET_BATCH_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # absolute path
+    key: str  # path relative to the input's root, '/'-separated; with the document index it decides the split
+    source: int  # index of the input (in `inputs`) that found the file
+    size: int  # bytes on disk
+
+
+def discover(inputs: Sequence[str], exclude: Sequence[str | Path] = ()) -> list[list[InputFile]]:
+    """The files of every input, each list in sorted order. UserError for a missing input or one without files.
+
+    `exclude`: directories whose files are never taken (prepare's own output, so that a re-run over `.` does not
+    read the dataset it wrote).
+    """
+    if not inputs:
+        raise UserError(
+            "No inputs to prepare: set inputs= to a list of files, directories, globs, or the word 'stdlib' "
+            "(the Python standard library's sources), e.g. inputs='[data/corpus.jsonl,docs/]'."
+        )
+    excluded = [os.path.realpath(p) for p in exclude]
+    return [_discover_one(str(spec), i, excluded) for i, spec in enumerate(inputs)]
+
+
+def _discover_one(spec: str, source: int, excluded: list[str]) -> list[InputFile]:
+    if spec == STDLIB:
+        root, paths = stdlib_files()
+        found = [(p, root) for p in paths]
+    else:
+        path = Path(spec).expanduser()
+        if path.is_file():
+            found = [(path, path.parent)]
+        elif path.is_dir():
+            found = [(p, path) for p in _walk(path)]
+        elif any(c in _GLOB_CHARS for c in spec):
+            root = _glob_root(spec)
+            found = []
+            for match in sorted(glob.glob(os.path.expanduser(spec), recursive=True)):
+                m = Path(match)
+                if m.is_file():
+                    found.append((m, root))
+                elif m.is_dir():
+                    found.extend((p, root) for p in _walk(m))
+            if not found:
+                raise UserError(
+                    f"The input glob '{spec}' matches no files. Check the pattern (use '**' to search "
+                    "subdirectories, and quote it so the shell leaves it alone), or give files, directories, or "
+                    "'stdlib'."
+                )
+        else:
+            raise UserError(
+                f"The input '{spec}' does not exist (looked for {path.absolute()}). An input is a file, a directory, "
+                "a glob such as 'data/**/*.jsonl', or the word 'stdlib'."
+            )
+    files: dict[str, InputFile] = {}
+    for p, root in found:
+        real = os.path.realpath(p)
+        if any(real == d or real.startswith(d + os.sep) for d in excluded):
+            continue
+        key = Path(os.path.relpath(p, root)).as_posix()
+        files.setdefault(key, InputFile(path=os.path.abspath(p), key=key, source=source, size=os.path.getsize(p)))
+    if not files:
+        accepted = ", ".join(f"*{s}" for s in DOC_SUFFIXES)
+        raise UserError(
+            f"The input '{spec}' holds no files to read. Directories are searched recursively for {accepted} "
+            "(hidden files and __pycache__ are skipped); name other files directly or with a glob."
+        )
+    return [files[k] for k in sorted(files)]
+
+
+def _walk(root: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+        out.extend(Path(dirpath, f) for f in filenames if not f.startswith(".") and f.lower().endswith(DOC_SUFFIXES))
+    return out
+
+
+def _glob_root(pattern: str) -> Path:
+    """The directory a glob is relative to: its leading components without glob characters."""
+    parts = Path(os.path.expanduser(pattern)).parts
+    fixed = []
+    for part in parts[:-1]:
+        if any(c in _GLOB_CHARS for c in part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The Python standard library's own `.py` files (no site-packages, test suites, IDLE, lib2to3, ...)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise UserError(f"The input 'stdlib' needs the Python standard library sources, but {root} is missing.")
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_SKIP)
+        paths.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
+    return root, sorted(paths)
+
+
+def is_held_out(key: str, index: int, val_fraction: float) -> bool:
+    """Whether document `index` of the file named `key` belongs to the validation split (stable across runs)."""
+    if val_fraction <= 0.0:
+        return False
+    digest = hashlib.blake2b(f"{key}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < val_fraction
+
+
+def iter_documents(path: str | Path, text_key: str = "text") -> Iterator[tuple[int, str]]:
+    """Yield `(index, text)` for every non-empty document of a file, in file order.
+
+    `index` counts the file's records (JSON objects, parquet rows), the empty ones included, so that it stays
+    stable; a whole-text file (txt, md, py, anything else) is one document with index 0.
+    """
+    path = str(path)
+    name = path.lower()
+    compressed = name.endswith(".gz")
+    inner = name[:-3] if compressed else name
+    try:
+        if inner.endswith((".jsonl", ".json")):
+            yield from _iter_json(path, compressed, text_key)
+        elif inner.endswith(".parquet") and not compressed:
+            yield from _iter_parquet(path, text_key)
+        else:
+            with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
+                text = f.read().decode("utf-8", errors="replace")
+            if text and not text.isspace():
+                yield 0, text
+    except UserError:
+        raise
+    except (OSError, EOFError, ValueError) as err:  # unreadable, truncated or corrupt gzip, bad parquet
+        raise UserError(f"Could not read the input file {path}: {err}. Fix or remove the file.") from None
+
+
+def _iter_json(path: str, compressed: bool, text_key: str) -> Iterator[tuple[int, str]]:
+    raw = gzip.open(path, "rb") if compressed else open(path, "rb")
+    array = path.lower().removesuffix(".gz").endswith(".json") and raw.peek(256).lstrip().startswith(b"[")
+    with io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
+        if array:  # a .json file holding one array of objects
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{path} is not valid JSON ({err}). JSON inputs hold one JSON object per line, or one array."
+                ) from None
+            for index, record in enumerate(records):
+                text = _text_of(record, text_key, f"{path}, element {index}")
+                if text and not text.isspace():
+                    yield index, text
+            return
+        index = 0
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{path}, line {line_no}: not valid JSON ({err.msg}). JSON inputs (.jsonl, .json, .jsonl.gz) "
+                    "must hold one JSON object per line."
+                ) from None
+            text = _text_of(record, text_key, f"{path}, line {line_no}")
+            if text and not text.isspace():
+                yield index, text
+            index += 1
+
+
+def _text_of(record: object, text_key: str, where: str) -> str | None:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object with a '{text_key}' field, got {type(record).__name__}.")
+    if text_key not in record:
+        keys = ", ".join(repr(k) for k in list(record)[:10]) or "none"
+        strings = [k for k, v in record.items() if isinstance(v, str)]
+        hint = f" (e.g. text_key={strings[0]})" if strings else ""
+        raise UserError(
+            f"{where}: the JSON object has no '{text_key}' field (its keys: {keys}). Set text_key= to the field "
+            f"that holds the text{hint}."
+        )
+    text = record[text_key]
+    if text is None or isinstance(text, str):
+        return text
+    raise UserError(
+        f"{where}: field '{text_key}' holds a {type(text).__name__}, not text. Set text_key= to a text field."
+    )
+
+
+def _iter_parquet(path: str, text_key: str) -> Iterator[tuple[int, str]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    columns = pf.schema_arrow.names
+    if text_key not in columns:
+        raise UserError(
+            f"{path}: the parquet file has no column '{text_key}' (its columns: {', '.join(columns[:20])}). Set "
+            "text_key= to the column that holds the text."
+        )
+    index = 0
+    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_key]):
+        for text in batch.column(0).to_pylist():
+            if text is not None and not isinstance(text, str):
+                raise UserError(
+                    f"{path}, row {index}: column '{text_key}' holds {type(text).__name__} values, not text. Set "
+                    "text_key= to a text column."
+                )
+            if text and not text.isspace():
+                yield index, text
+            index += 1
