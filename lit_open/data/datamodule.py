@@ -1,0 +1,196 @@
+"""The DataModule: prepared litdata token streams, mixed by weight in a global order that resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lit_open.config import DataConfig, SourceConfig
+from lit_open.data.order import DataOrder
+from lit_open.data.prepare import read_manifest
+from lit_open.errors import UserError
+
+
+@dataclass
+class Source:
+    path: Path
+    weight: float
+    samples: int  # sequences of seq_len + 1 tokens
+    manifest: dict
+
+
+def open_sources(sources: list[SourceConfig], block_size: int, key: str) -> list[Source]:
+    """Check the prepared sources under config key `key` and count their samples of `block_size` tokens."""
+    opened = []
+    for i, source in enumerate(sources):
+        path = Path(source.path).expanduser()
+        index = path / "index.json"
+        if not index.is_file():
+            hint = "it does not exist" if not path.exists() else "it has no litdata index.json"
+            raise UserError(
+                f"{key}[{i}].path={source.path!r} is not a prepared dataset ({hint}). Create one with "
+                f"`lit-open prepare inputs=[YOUR_FILES] output=DIR` and point {key}[{i}].path at DIR/train."
+            )
+        manifest = read_manifest(path)
+        chunks = json.loads(index.read_text())["chunks"]
+        samples = sum(chunk["dim"] // block_size for chunk in chunks)
+        if samples == 0:
+            raise UserError(
+                f"{key}[{i}].path={source.path!r} holds {manifest.get('tokens', 0)} tokens: not one sequence of "
+                f"data.seq_len+1={block_size} tokens. Prepare more data or lower data.seq_len."
+            )
+        opened.append(Source(path=path, weight=source.weight, samples=samples, manifest=manifest))
+    hashes = {s.manifest["tokenizer"]["sha256"] for s in opened}
+    if len(hashes) > 1:
+        listing = "; ".join(f"{s.path}: {s.manifest['tokenizer']['sha256'][:12]}" for s in opened)
+        raise UserError(f"The sources under {key} were tokenized with different tokenizers ({listing}).")
+    return opened
+
+
+def data_parallel_rank_and_size(trainer: L.Trainer) -> tuple[int, int]:
+    return trainer.global_rank, trainer.world_size
+
+
+def micro_batches_per_step(cfg: DataConfig, data_parallel_size: int) -> int:
+    per_pass = cfg.micro_batch_size * data_parallel_size
+    if cfg.global_batch_size % per_pass:
+        raise UserError(
+            f"data.global_batch_size={cfg.global_batch_size} must be a multiple of data.micro_batch_size="
+            f"{cfg.micro_batch_size} x {data_parallel_size} data-parallel processes = {per_pass}."
+        )
+    return cfg.global_batch_size // per_pass
+
+
+class TokenSamples(Dataset):
+    """Sequences of block_size tokens read by (source, index) from litdata token streams (random access)."""
+
+    def __init__(self, paths: list[Path], block_size: int) -> None:
+        self.paths = [str(p) for p in paths]
+        self.block_size = block_size
+        self._streams: list | None = None  # opened lazily, once per DataLoader worker process
+
+    def _open(self) -> list:
+        if self._streams is None:
+            from litdata import StreamingDataset, TokensLoader
+
+            self._streams = [
+                StreamingDataset(p, item_loader=TokensLoader(block_size=self.block_size), shuffle=False)
+                for p in self.paths
+            ]
+        return self._streams
+
+    def __len__(self) -> int:
+        raise TypeError("TokenSamples is addressed by (source, index) keys from a batch sampler")
+
+    def __getitem__(self, key: tuple[int, ...]) -> dict[str, Any]:
+        source, index, data_step, micro, n_micro = key
+        tokens = np.asarray(self._open()[source][index], dtype=np.int64)
+        return {"tokens": torch.from_numpy(tokens), "sample": (source, index), "meta": (data_step, micro, n_micro)}
+
+    @staticmethod
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        tokens = torch.stack([item["tokens"] for item in items])
+        data_step, micro, n_micro = items[0]["meta"]
+        return {
+            "input_ids": tokens[:, :-1],
+            "targets": tokens[:, 1:],
+            "samples": torch.tensor([item["sample"] for item in items], dtype=torch.long),
+            "data_step": data_step,
+            "micro": micro,
+            "n_micro": n_micro,
+        }
+
+
+class StepBatchSampler:
+    """This rank's micro-batches of global batches start, start+1, ...: yields lists of sample keys, forever."""
+
+    def __init__(self, order: DataOrder, start: int, rank: int, world_size: int, micro_batch_size: int) -> None:
+        self.order, self.start, self.rank, self.world_size = order, start, rank, world_size
+        self.micro_batch_size = micro_batch_size
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            samples = self.order.rank_slice(step, self.rank, self.world_size)
+            n_micro = len(samples) // self.micro_batch_size
+            for micro in range(n_micro):
+                chunk = samples[micro * self.micro_batch_size : (micro + 1) * self.micro_batch_size]
+                yield [(int(s), int(i), step, micro, n_micro) for s, i in chunk]
+            step += 1
+
+
+class DataModule(L.LightningDataModule):
+    """Training batches in the global order of `DataOrder`; held-out batches from `data.val_sources`.
+
+    The data position is `LitLM.consumed_batches` (global batches consumed so far), which the module saves in
+    its checkpoints: `train_dataloader` starts from it, so a resumed run sees exactly the batches the
+    uninterrupted run would have seen, with any number of processes.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.seed = seed
+        self.block_size = cfg.seq_len + 1
+        self.train_sources: list[Source] = []
+        self.val_sources: list[Source] = []
+        self.order: DataOrder | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", None) and self.order is None:
+            self.train_sources = open_sources(self.cfg.sources, self.block_size, "data.sources")
+            if not self.train_sources:
+                raise UserError("data.sources is empty: give data.sources=[{path:DIR,weight:1.0},...].")
+            self.order = DataOrder(
+                [s.samples for s in self.train_sources],
+                [s.weight for s in self.train_sources],
+                self.cfg.global_batch_size,
+                self.seed,
+            )
+        if not self.val_sources and self.cfg.val_sources:
+            self.val_sources = open_sources(self.cfg.val_sources, self.block_size, "data.val_sources")
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world_size = data_parallel_rank_and_size(self.trainer)
+        micro_batches_per_step(self.cfg, world_size)  # fail early on a batch size that does not divide
+        start = self.trainer.lightning_module.consumed_batches
+        sampler = StepBatchSampler(self.order, start, rank, world_size, self.cfg.micro_batch_size)
+        return self._loader([s.path for s in self.train_sources], sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_sources:
+            return []
+        rank, world_size = data_parallel_rank_and_size(self.trainer)
+        keys = self.val_keys()[rank::world_size]
+        size = self.cfg.micro_batch_size
+        batches = [[(s, i, -1, 0, 1) for s, i in keys[start : start + size]] for start in range(0, len(keys), size)]
+        # a few batches per validation: worker processes would cost more to start than the reading they save
+        return self._loader([s.path for s in self.val_sources], batches, workers=0)
+
+    def val_keys(self) -> list[tuple[int, int]]:
+        """The held-out samples scored at each validation: `val_samples` spread evenly over all val sources."""
+        sizes = np.array([s.samples for s in self.val_sources])
+        total = int(sizes.sum())
+        picks = np.unique(np.linspace(0, total - 1, min(self.cfg.val_samples, total)).round().astype(np.int64))
+        source = np.searchsorted(np.cumsum(sizes), picks, side="right")
+        offset = picks - np.concatenate([[0], np.cumsum(sizes)[:-1]])[source]
+        return list(zip(source.tolist(), offset.tolist()))
+
+    def _loader(self, paths: list[Path], batch_sampler, workers: int | None = None) -> DataLoader:
+        workers = self.cfg.num_workers if workers is None else workers
+        return DataLoader(
+            TokenSamples(paths, self.block_size),
+            batch_sampler=batch_sampler,
+            num_workers=workers,
+            collate_fn=TokenSamples.collate,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+            prefetch_factor=4 if workers > 0 else None,
+        )

@@ -1,0 +1,90 @@
+"""`<run.dir>/data_sequence/`: which samples went into each optimizer step, as LLM360 publishes it.
+
+Layout: `sources.json` (the sources, their weights and sizes, seq_len, the seed) and one JSON-lines file per
+1000 global batches, `NNNNNNNN.jsonl`, with lines `{"data_step": d, "step": s, "samples": [[source, index], ...]}`
+(`data_step`: the global batch; `step`: the optimizer step it fed; `index`: the sample of seq_len + 1 tokens
+within its source, i.e. tokens [index * (seq_len + 1), (index + 1) * (seq_len + 1)) of that source's stream).
+On resume, entries from the resumed position on are rewritten, so the log always describes the run as it went.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+FILE_STEPS = 1000
+
+
+def sequence_file(directory: Path, data_step: int) -> Path:
+    return directory / f"{data_step - data_step % FILE_STEPS:08d}.jsonl"
+
+
+def read_data_sequence(directory: str | Path) -> list[dict[str, Any]]:
+    """All entries of a run's data-sequence log, in order."""
+    entries = []
+    for path in sorted(Path(directory).glob("*.jsonl")):
+        entries.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return entries
+
+
+class DataSequenceLog(Callback):
+    """Appends one line per consumed global batch (global rank 0 only)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._written = 0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._written = pl_module.consumed_batches
+        if not trainer.is_global_zero:
+            return
+        datamodule = trainer.datamodule
+        self.directory.mkdir(parents=True, exist_ok=True)
+        sources = {
+            "format": "lit-open-data-sequence/1",
+            "seq_len": datamodule.cfg.seq_len,
+            "global_batch_size": datamodule.cfg.global_batch_size,
+            "seed": datamodule.seed,
+            "sources": [
+                {
+                    "id": i,
+                    "path": str(s.path.resolve()),
+                    "weight": s.weight,
+                    "samples": s.samples,
+                    "tokens": s.manifest.get("tokens"),
+                    "tokenizer_sha256": s.manifest["tokenizer"]["sha256"],
+                }
+                for i, s in enumerate(datamodule.train_sources)
+            ],
+        }
+        (self.directory / "sources.json").write_text(json.dumps(sources, indent=2) + "\n")
+        self._truncate(self._written)
+
+    def _truncate(self, start: int) -> None:
+        """Drop entries at or after data step `start`: a resumed run writes them again as it replays them."""
+        current = sequence_file(self.directory, start)
+        for path in self.directory.glob("*.jsonl"):
+            if path.name > current.name:
+                path.unlink()
+        if current.exists():
+            kept = [line for line in current.read_text().splitlines() if json.loads(line)["data_step"] < start]
+            current.write_text("".join(line + "\n" for line in kept))
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if not trainer.is_global_zero:
+            self._written = pl_module.consumed_batches
+            return
+        order = trainer.datamodule.order
+        while self._written < pl_module.consumed_batches:
+            data_step = self._written
+            record = {
+                "data_step": data_step,
+                "step": trainer.global_step,
+                "samples": order.global_batch(data_step).tolist(),
+            }
+            with sequence_file(self.directory, data_step).open("a") as f:
+                f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self._written += 1
