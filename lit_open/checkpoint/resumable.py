@@ -1,0 +1,140 @@
+"""Resumable checkpoints in `<run.dir>/checkpoints/`: atomic, step-numbered, with a pointer to the newest.
+
+A checkpoint is written under a temporary name (`.tmp-step-NNNNNNNN.ckpt`), flushed to disk, and renamed to
+`step-NNNNNNNN.ckpt` only when complete; then `latest` (a one-line text file) is replaced atomically to name it.
+A crash at any moment leaves either the previous set of checkpoints or the new one, never a half checkpoint
+under a name that `resume=auto` would pick.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from lit_open.errors import UserError
+
+POINTER = "latest"
+_NAME = re.compile(r"^step-(\d{8})\.ckpt$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.ckpt"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints in `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
+
+
+def _fsync_tree(path: Path) -> None:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+class CheckpointWriter(Callback):
+    """Saves a resumable checkpoint every `every_n_steps` optimizer steps and at the end of training."""
+
+    def __init__(self, directory: str | Path, every_n_steps: int, keep_last: int) -> None:
+        self.directory = Path(directory)
+        self.every_n_steps = every_n_steps
+        self.keep_last = keep_last
+        self._last_saved = -1
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_saved = trainer.global_step  # a resumed run does not rewrite the checkpoint it came from
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step != self._last_saved and step % self.every_n_steps == 0:
+            self.save(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step != self._last_saved:
+            self.save(trainer, pl_module)
+
+    def save(self, trainer: Trainer, pl_module: LightningModule) -> Path:
+        step = trainer.global_step
+        final = self.directory / checkpoint_name(step)
+        tmp = self.directory / f".tmp-{final.name}"
+        if trainer.is_global_zero:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _remove(tmp)  # left over from a crash during an earlier save
+        trainer.strategy.barrier("lit_open_checkpoint_begin")
+        trainer.save_checkpoint(tmp)
+        trainer.strategy.barrier("lit_open_checkpoint_written")
+        if trainer.is_global_zero:
+            _fsync_tree(tmp)
+            _remove(final)  # a resumed run that re-reaches a step replaces that step's checkpoint
+            os.replace(tmp, final)
+            pointer_tmp = self.directory / f".tmp-{POINTER}"
+            pointer_tmp.write_text(final.name + "\n")
+            os.replace(pointer_tmp, self.directory / POINTER)
+            for logger in trainer.loggers:  # so the logged history is on disk up to every checkpoint
+                logger.save()
+            pl_module.events.write(step, "checkpoint", path=str(final))
+            self._prune()
+        trainer.strategy.barrier("lit_open_checkpoint_done")
+        self._last_saved = step
+        return final
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        for old in list_checkpoints(self.directory)[: -self.keep_last]:
+            _remove(old)
+
+
+def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint `resume` (auto | none | a path) points at, or None to start fresh."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume).expanduser()
+        if not path.exists():
+            raise UserError(
+                f"resume={resume!r}: no such checkpoint. Use resume=auto, resume=none or a checkpoint path."
+            )
+        return path
+    directory = run_dir / "checkpoints"
+    pointer = directory / POINTER
+    if pointer.is_file():
+        named = directory / pointer.read_text().strip()
+        if named.exists():
+            return named
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint's metadata (not its tensors' data) or raise a UserError that says what to do."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        if not isinstance(checkpoint, dict) or "global_step" not in checkpoint or "lit_open" not in checkpoint:
+            raise ValueError("it is not a lit-open training checkpoint")
+    except Exception as err:  # any failure to read means a truncated, corrupt or foreign file
+        others = [p for p in list_checkpoints(path.parent) if p != path]
+        hint = (
+            f" Older checkpoints in the same directory: {', '.join(p.name for p in others)}; resume from one with "
+            f"resume={others[-1]}"
+            if others
+            else " Start afresh with resume=none (or another run.dir)"
+        )
+        raise UserError(f"Cannot read checkpoint {path}: {type(err).__name__}: {err}.{hint}.") from None
+    return checkpoint

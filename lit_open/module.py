@@ -1,0 +1,188 @@
+"""LitLM: the LightningModule around the pure-PyTorch decoder.
+
+It builds the model (with the plugins' say), computes the loss, accumulates gradients over the micro-batches of a
+global batch, clips, asks the plugins whether to skip the update, steps the optimizer and the LR schedule, and
+logs one row of metrics per optimizer step. Optimization is manual so that one optimizer step is one explicit
+place in the code: plugins (skip, rollback, z-loss, ...) hook into it through `lit_open.plugin.Plugin`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from lit_open.config import TrainConfig
+from lit_open.events import EventLog
+from lit_open.model import Transformer
+from lit_open.optim import build_optimizer, build_scheduler
+from lit_open.plugin import Plugin, StepOutputs
+
+CHECKPOINT_KEY = "lit_open"
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def _numpy_state_to_plain(state: tuple) -> tuple:
+    # plain Python types, so that checkpoints load with torch.load(weights_only=True)
+    name, keys, pos, has_gauss, cached = state
+    return name, keys.tolist(), pos, has_gauss, cached
+
+
+def _numpy_state_from_plain(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached
+
+
+class LitLM(L.LightningModule):
+    def __init__(self, config: TrainConfig, plugins: list[Plugin] = (), run_dir: str | Path | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.plugins = list(plugins)
+        self.automatic_optimization = False
+        self.model: Transformer | None = None
+        self.events = EventLog(Path(run_dir) / "events.jsonl" if run_dir is not None else None)
+        self.consumed_batches = 0  # global batches consumed: the position in the data order
+        self.tokens_per_batch = config.data.global_batch_size * config.data.seq_len
+        self.val_loss = MeanMetric()
+        self.last_metrics: dict[str, float] = {}
+        self.history: dict[str, list[tuple[int, float]]] = {"train/loss": [], "val/loss": []}
+        self.train_seconds = 0.0
+        self._step_sums: dict[str, torch.Tensor] = {}
+        self._step_clock: float | None = None
+
+    # -- model ---------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        model_config = self.config.model
+        for plugin in self.plugins:
+            model_config = plugin.configure_model(model_config)
+        self.model = Transformer(model_config)
+        for plugin in self.plugins:
+            plugin.on_model_built(self.model)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    # -- training ------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self._step_clock is None:  # the first step, or the first after a validation (not training time)
+            self._step_clock = time.perf_counter()
+        logits = self.model(batch["input_ids"])
+        loss = cross_entropy(logits, batch["targets"])
+        terms: dict[str, torch.Tensor] = {}
+        for plugin in self.plugins:
+            terms.update(plugin.loss_terms(StepOutputs(loss=loss, logits=logits, batch=batch)))
+        total = loss + sum(terms.values()) if terms else loss
+        self.manual_backward(total / batch["n_micro"])
+        for name, value in {"loss": loss, **terms}.items():
+            self._step_sums[name] = self._step_sums.get(name, 0.0) + value.detach() / batch["n_micro"]
+        if batch["micro"] + 1 == batch["n_micro"]:
+            self._optimizer_step(batch["data_step"])
+
+    def _optimizer_step(self, data_step: int) -> None:
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        params = [p for p in self.parameters() if p.grad is not None]
+        max_norm = self.config.optim.grad_clip
+        if max_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        means = {k: self.trainer.strategy.reduce(v, reduce_op="mean") for k, v in self._step_sums.items()}
+        self._step_sums = {}
+        lr = optimizer.param_groups[0]["lr"]
+        metrics = {
+            "step": self.global_step + 1,  # the update this would be; a skipped update is asked again next batch
+            "data_step": data_step,  # the global batch it was computed on
+            "loss": float(means["loss"]),
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+        }
+        skip = any(plugin.skip_step(metrics) for plugin in self.plugins)
+        skip = self.trainer.strategy.reduce_boolean_decision(skip, all=False)  # skipped on every rank if on any
+        if not skip:
+            optimizer.step()
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.consumed_batches = data_step + 1
+
+        now = time.perf_counter()
+        seconds = now - self._step_clock
+        self._step_clock = now
+        self.train_seconds += seconds
+        row = {
+            "train/loss": metrics["loss"],
+            "train/lr": lr,
+            "train/grad_norm": metrics["grad_norm"],
+            "train/tokens": float(self.consumed_batches * self.tokens_per_batch),
+            "train/tokens_per_s": self.tokens_per_batch / seconds,
+            "train/skipped": float(skip),
+        }
+        row.update({f"train/{k}": float(v) for k, v in means.items() if k != "loss"})
+        self._log_row(row)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss = cross_entropy(self.model(batch["input_ids"]), batch["targets"])
+        self.val_loss.update(loss, weight=batch["targets"].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count == 0:
+            return
+        loss = float(self.val_loss.compute())
+        self.val_loss.reset()
+        self._log_row({"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))})
+
+    def on_validation_end(self) -> None:
+        self._step_clock = None  # validation time is not training time: restart the clock at the next step
+
+    def _log_row(self, row: dict[str, float]) -> None:
+        """One row per optimizer step to every logger, keyed by the optimizer step (not the micro-batch)."""
+        self.last_metrics.update(row)
+        for key in self.history:
+            if key in row:
+                self.history[key].append((self.global_step, row[key]))
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(row, step=self.global_step)
+
+    # -- optimizer -----------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        optimizer = build_optimizer(self.model, self.config.optim)
+        scheduler = build_scheduler(optimizer, self.config.schedule, self.config.trainer.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "config": asdict(self.config),
+            "consumed_batches": self.consumed_batches,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": _numpy_state_to_plain(np.random.get_state()),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint[CHECKPOINT_KEY]
+        self.consumed_batches = state["consumed_batches"]
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(_numpy_state_from_plain(rng["numpy"]))
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])

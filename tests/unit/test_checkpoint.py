@@ -1,0 +1,106 @@
+"""Atomic checkpoints: a crash while writing leaves the previous state; `resume=auto` finds the newest complete."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lit_open.checkpoint.resumable import (
+    CheckpointWriter,
+    find_resume_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+)
+from lit_open.errors import UserError
+from lit_open.events import EventLog, read_events
+
+
+class FakeTrainer:
+    """The parts of a Lightning Trainer that CheckpointWriter uses, with a save that can fail midway."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.global_step = 0
+        self.is_global_zero = True
+        self.loggers = []
+        self.strategy = SimpleNamespace(barrier=lambda name=None: None)
+        self.fail_at = fail_at
+
+    def save_checkpoint(self, path):
+        payload = {"global_step": self.global_step, "lit_open": {}, "weights": torch.full((1000,), 1.0)}
+        torch.save(payload, path)
+        if self.global_step == self.fail_at:
+            path.write_bytes(path.read_bytes()[:100])  # a torn write, then the process dies
+            raise KeyboardInterrupt
+
+
+def save_at(writer, trainer, module, step):
+    trainer.global_step = step
+    writer.on_train_batch_end(trainer, module)
+
+
+def test_checkpoints_are_step_numbered_pruned_and_pointed_at(tmp_path):
+    directory = tmp_path / "checkpoints"
+    writer = CheckpointWriter(directory, every_n_steps=2, keep_last=2)
+    trainer = FakeTrainer()
+    module = SimpleNamespace(events=EventLog(tmp_path / "events.jsonl"))
+    for step in range(1, 8):
+        save_at(writer, trainer, module, step)
+    assert [p.name for p in list_checkpoints(directory)] == ["step-00000004.ckpt", "step-00000006.ckpt"]
+    assert (directory / "latest").read_text().strip() == "step-00000006.ckpt"
+    writer.on_train_end(trainer, module)  # the final step (7) is saved too
+    assert find_resume_checkpoint("auto", tmp_path).name == "step-00000007.ckpt"
+    assert [e["step"] for e in read_events(tmp_path / "events.jsonl")] == [2, 4, 6, 7]
+    assert not list(directory.glob(".tmp-*"))
+
+
+def test_a_crash_while_writing_leaves_the_previous_checkpoint_in_charge(tmp_path):
+    directory = tmp_path / "checkpoints"
+    writer = CheckpointWriter(directory, every_n_steps=2, keep_last=0)
+    trainer = FakeTrainer(fail_at=4)
+    module = SimpleNamespace(events=EventLog(None))
+    save_at(writer, trainer, module, 2)
+    with pytest.raises(KeyboardInterrupt):
+        save_at(writer, trainer, module, 4)
+    assert [p.name for p in list_checkpoints(directory)] == ["step-00000002.ckpt"]
+    assert (directory / ".tmp-step-00000004.ckpt").exists()  # the torn file never got a real name
+    resume = find_resume_checkpoint("auto", tmp_path)
+    assert resume.name == "step-00000002.ckpt" and read_checkpoint(resume)["global_step"] == 2
+    # the next attempt at that step replaces the torn temporary file
+    trainer.fail_at = None
+    save_at(writer, trainer, module, 4)
+    assert find_resume_checkpoint("auto", tmp_path).name == "step-00000004.ckpt"
+    assert not list(directory.glob(".tmp-*"))
+
+
+def test_resume_lookup(tmp_path):
+    assert find_resume_checkpoint("auto", tmp_path) is None  # nothing yet: start fresh
+    assert find_resume_checkpoint("none", tmp_path) is None
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    for step in (3, 10):
+        torch.save({"global_step": step, "lit_open": {}}, directory / f"step-{step:08d}.ckpt")
+    (directory / ".tmp-step-00000020.ckpt").write_text("half")
+    # without a pointer the newest complete checkpoint wins; a pointer is followed
+    assert find_resume_checkpoint("auto", tmp_path).name == "step-00000010.ckpt"
+    (directory / "latest").write_text("step-00000003.ckpt\n")
+    assert find_resume_checkpoint("auto", tmp_path).name == "step-00000003.ckpt"
+    explicit = directory / "step-00000010.ckpt"
+    assert find_resume_checkpoint(str(explicit), tmp_path) == explicit
+    with pytest.raises(UserError, match="no such checkpoint"):
+        find_resume_checkpoint(str(tmp_path / "missing.ckpt"), tmp_path)
+
+
+def test_unreadable_checkpoints_are_user_errors_that_offer_the_older_ones(tmp_path):
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    torch.save({"global_step": 3, "lit_open": {}}, directory / "step-00000003.ckpt")
+    torch.save({"global_step": 6, "lit_open": {}, "w": torch.zeros(5000)}, directory / "step-00000006.ckpt")
+    newest = directory / "step-00000006.ckpt"
+    newest.write_bytes(newest.read_bytes()[:-2000])
+    with pytest.raises(UserError) as err:
+        read_checkpoint(newest)
+    assert "step-00000006.ckpt" in str(err.value) and f"resume={directory / 'step-00000003.ckpt'}" in str(err.value)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(UserError, match="not a lit-open training checkpoint"):
+        read_checkpoint(foreign)
