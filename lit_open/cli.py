@@ -1,0 +1,146 @@
+"""The `lit-open` console script: train, prepare, eval, list. Arguments after the command are Hydra overrides."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from lit_open.errors import UserError
+
+USAGE = """\
+usage: lit-open COMMAND [key=value ...]
+
+commands:
+  train     train a model; with no arguments, the quickstart recipe (a small model on the CPU, on the
+            Python standard library). `lit-open train recipe=olmo2_1b data.sources=[{path:DIR}] ...`
+            `lit-open train --config RUN_DIR/config.yaml [key=value ...]` reruns or continues a run.
+  prepare   tokenize text into litdata chunks:
+            `lit-open prepare inputs=[a.jsonl,dir/,stdlib] output=DIR [tokenizer=tokenizer.json] [val_fraction=0.01]`
+  eval      held-out loss of a checkpoint: `lit-open eval checkpoint=RUN_DIR/checkpoints/step-00000300.ckpt`
+  list      `lit-open list recipes|models|plugins`
+
+Overrides are Hydra's: key=value, +key=value (add a key), recipe=NAME, model=NAME, plugins=[a,b], +plugins=c.
+Errors in your input exit with status 2 and a message; set LIT_OPEN_DEBUG=1 for a traceback.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("LIT_OPEN_DEBUG") == "1"
+    if not debug:
+        _quiet_warnings()
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        sys.exit(0 if argv else 2)
+    command, args = argv[0], argv[1:]
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE, end="")
+        sys.exit(0)
+    try:
+        if command == "train":
+            _train(args)
+        elif command == "prepare":
+            from lit_open.compose import load_prepare_config
+            from lit_open.data.prepare import prepare
+
+            prepare(load_prepare_config(args))
+        elif command == "eval":
+            _eval(args)
+        elif command == "list":
+            _list(args)
+        else:
+            raise UserError(f"Unknown command {command!r}. Commands: train, prepare, eval, list (see lit-open --help).")
+    except UserError as err:
+        if debug:
+            raise
+        print(f"lit-open: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(
+            "lit-open: interrupted; the newest complete checkpoint is intact (resume=auto continues from it)",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+
+
+def _train(args: list[str]) -> None:
+    from lit_open.compose import load_train_config
+    from lit_open.train import run
+
+    _quiet_lightning()
+    config_file = None
+    if args and args[0] in ("--config", "-c"):
+        if len(args) < 2:
+            raise UserError("--config needs a path, e.g. --config runs/quickstart/config.yaml.")
+        config_file, args = args[1], args[2:]
+    run(load_train_config(args, config_file=config_file))
+
+
+def _eval(args: list[str]) -> None:
+    from lit_open.evaluate import evaluate
+
+    _quiet_lightning()
+    checkpoints = [a.split("=", 1)[1] for a in args if a.startswith("checkpoint=")]
+    if not checkpoints:
+        raise UserError("lit-open eval needs checkpoint=PATH (a file in <run.dir>/checkpoints/).")
+    evaluate(checkpoints[-1], [a for a in args if not a.startswith("checkpoint=")])
+
+
+def _list(args: list[str]) -> None:
+    from lit_open.compose import describe_group_entry, group_options
+
+    topics = {"recipes": "recipe", "models": "model", "plugins": "plugins"}
+    if len(args) != 1 or args[0] not in topics:
+        raise UserError("Usage: lit-open list recipes|models|plugins.")
+    group = topics[args[0]]
+    names = group_options(group)
+    if not names:
+        print(f"No {args[0]} installed.")
+        return
+    width = max(map(len, names))
+    for name in names:
+        extra = _model_size(name) if group == "model" else ""
+        print(f"{name:<{width}}  {extra}{describe_group_entry(group, name) or _plugin_doc(name)}")
+
+
+def _model_size(name: str) -> str:
+    import torch
+    from omegaconf import OmegaConf
+
+    from lit_open.compose import conf_dir
+    from lit_open.model import ModelConfig, Transformer, num_parameters
+
+    config = ModelConfig(**OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / f"{name}.yaml")))
+    with torch.device("meta"):
+        params = num_parameters(Transformer(config))
+    return f"{params / 1e9:7.2f}B  " if params >= 1e9 else f"{params / 1e6:6.1f}M  "
+
+
+def _plugin_doc(name: str) -> str:
+    from hydra.utils import get_class
+
+    from lit_open.compose import plugin_entry_points
+
+    target = plugin_entry_points().get(name)
+    doc = get_class(target).__doc__ if target else None
+    return (doc or "").strip().splitlines()[0] if doc else ""
+
+
+def _quiet_lightning() -> None:
+    """Lightning's banners and tips go, its warnings stay (call after importing it: it sets INFO on import)."""
+    if os.environ.get("LIT_OPEN_DEBUG") != "1":
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _quiet_warnings() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # the loader reads memory-mapped token chunks: few workers are enough, whatever Lightning's heuristic says
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+
+
+if __name__ == "__main__":
+    main()

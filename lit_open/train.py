@@ -1,0 +1,237 @@
+"""`lit_open.train.run(cfg)`: one training run, from a validated config to a summary."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.strategies import DDPStrategy
+from rich.console import Console
+
+from lit_open.checkpoint.resumable import CheckpointWriter, find_resume_checkpoint, read_checkpoint
+from lit_open.compose import to_yaml
+from lit_open.config import TrainConfig
+from lit_open.data.datamodule import DataModule, micro_batches_per_step, open_sources
+from lit_open.data.prepare import prepare
+from lit_open.data.sequence import DataSequenceLog
+from lit_open.errors import UserError
+from lit_open.loggers import build_loggers
+from lit_open.model import Transformer, num_parameters
+from lit_open.module import CHECKPOINT_KEY, LitLM
+from lit_open.plugin import build_plugins
+from lit_open.progress import StepProgress
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+NOT_ARCHITECTURE = {"name", "attention"}  # model keys a run may change when it resumes
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train as `cfg` says; returns the summary that is also printed (steps, tokens, losses, paths)."""
+    run_dir = Path(cfg.run.dir)
+    rank_zero = rank_zero_only.rank == 0  # read from the launcher's environment; valid before the Trainer exists
+    if rank_zero:
+        ensure_writable(run_dir)
+    ensure_data(cfg, rank_zero)
+    resume_path = find_resume_checkpoint(cfg.resume, run_dir)
+    resumed = read_checkpoint(resume_path) if resume_path is not None else None
+    changed = check_resumable(cfg, resumed) if resumed is not None else {}
+    resume_step = resumed["global_step"] if resumed is not None else 0
+    del resumed  # only its metadata was needed; Lightning loads the checkpoint itself
+    if rank_zero:
+        write_atomically(run_dir / "config.yaml", to_yaml(cfg))
+
+    if cfg.trainer.matmul_precision:
+        torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    plugins = build_plugins(cfg.plugins)
+    datamodule = DataModule(cfg.data, cfg.run.seed)
+    module = LitLM(cfg, plugins, run_dir)
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=DDPStrategy() if cfg.strategy.name == "ddp" else "auto",
+        precision=cfg.trainer.precision,
+        max_steps=cfg.trainer.max_steps,
+        max_epochs=-1,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the DataModule gives every rank its slice of the global order
+        enable_checkpointing=False,  # CheckpointWriter writes atomic, step-numbered checkpoints instead
+        enable_model_summary=False,
+        logger=build_loggers(cfg.logger, run_dir, resume_step if resume_path is not None else None),
+        callbacks=[
+            StepProgress(),
+            CheckpointWriter(run_dir / "checkpoints", cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last),
+            DataSequenceLog(run_dir / "data_sequence"),
+            *plugins,
+        ],
+        default_root_dir=run_dir,
+        inference_mode=False,  # metric state made by a standalone validate() must stay updatable in fit()
+    )
+    module.events.enabled = module.events.enabled and trainer.is_global_zero
+    n_micro = micro_batches_per_step(cfg.data, trainer.world_size)
+    # Lightning counts validation intervals in micro-batches; ours are optimizer steps.
+    every = cfg.trainer.val_check_interval or cfg.trainer.max_steps + 1
+    trainer.val_check_interval = every * n_micro
+    if trainer.is_global_zero:
+        print_header(cfg, module, trainer, n_micro, resume_path, resume_step)
+    if resume_path is not None:
+        module.events.write(resume_step, "resume", checkpoint=str(resume_path), changed=changed)
+    else:
+        module.events.write(0, "start", recipe=cfg.run.recipe, world_size=trainer.world_size)
+
+    has_val = bool(cfg.data.val_sources)
+    if has_val and resume_path is None and cfg.trainer.validate_at_start:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+    val_history = module.history["val/loss"]
+    if has_val and (not val_history or val_history[-1][0] != trainer.global_step):
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    summary = summarize(cfg, module, trainer, run_dir, resume_step)
+    if trainer.is_global_zero:
+        print_summary(summary)
+    return summary
+
+
+def ensure_writable(run_dir: Path) -> None:
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(
+            f"run.dir={str(run_dir)!r} is not writable ({err.strerror}). Choose another with run.dir=PATH."
+        ) from None
+
+
+def ensure_data(cfg: TrainConfig, rank_zero: bool, need_train: bool = True) -> None:
+    """Prepare the sources on first use when the data config says how; wait for rank 0 on other ranks."""
+    data = cfg.data
+    train_sources = data.sources if need_train else []
+    paths = [Path(s.path).expanduser() for s in train_sources + data.val_sources]
+    missing = [p for p in paths if not (p / "index.json").is_file()]
+    if missing and data.prepare is not None:
+        if rank_zero:
+            console.print(f"Preparing data into {data.prepare.output} (first use)...")
+            prepare(data.prepare)
+        else:
+            deadline = time.monotonic() + 3600
+            while any(not (p / "index.json").is_file() for p in paths) and time.monotonic() < deadline:
+                time.sleep(2)
+    if need_train and not data.sources:
+        raise UserError(
+            "data.sources is empty. Give the prepared data to train on, e.g. "
+            "data.sources=[{path:/data/mine/train,weight:1.0}] (write it with `lit-open prepare`)."
+        )
+    block = data.seq_len + 1
+    sources = open_sources(train_sources, block, "data.sources") + open_sources(
+        data.val_sources, block, "data.val_sources"
+    )
+    vocab = sources[0].manifest["tokenizer"]["vocab_size"]
+    if vocab > cfg.model.padded_vocab_size:
+        raise UserError(
+            f"The data was tokenized with a {vocab}-token vocabulary but the model has "
+            f"{cfg.model.padded_vocab_size} embedding rows (model.vocab_size={cfg.model.vocab_size}); "
+            f"set model.vocab_size={vocab} or use data tokenized for this model."
+        )
+
+
+def check_resumable(cfg: TrainConfig, checkpoint: dict[str, Any]) -> dict[str, list]:
+    """Refuse a checkpoint of another architecture; return the other config keys that changed since it."""
+    saved = checkpoint[CHECKPOINT_KEY]["config"]
+    current = asdict(cfg)
+    model_diff = {
+        k: (saved["model"].get(k), v)
+        for k, v in current["model"].items()
+        if k not in NOT_ARCHITECTURE and saved["model"].get(k) != v
+    }
+    if model_diff:
+        listing = ", ".join(f"model.{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in model_diff.items())
+        raise UserError(
+            f"The checkpoint to resume was trained with another model ({listing}). Resume with the same model "
+            "settings, or start a new run (resume=none or another run.dir)."
+        )
+    return {key: [old, new] for key, (old, new) in _flat_diff(saved, current).items()}
+
+
+def _flat_diff(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
+    diff = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff.update(_flat_diff(a, b, f"{prefix}{key}."))
+        elif a != b:
+            diff[f"{prefix}{key}"] = (a, b)
+    return diff
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def print_header(cfg: TrainConfig, module: LitLM, trainer: L.Trainer, n_micro: int, resume_path, step: int) -> None:
+    with torch.device("meta"):
+        params = num_parameters(Transformer(cfg.model))
+    tokens = cfg.data.global_batch_size * cfg.data.seq_len
+    console.print(
+        f"[bold]lit-open[/bold] run [cyan]{cfg.run.name}[/cyan] ({cfg.run.recipe or 'no recipe'}) -> {cfg.run.dir}\n"
+        f"  model {cfg.model.name}: {params / 1e6:,.2f}M parameters; {cfg.trainer.precision} on "
+        f"{trainer.world_size} x {trainer.strategy.root_device.type}\n"
+        f"  {cfg.data.global_batch_size} x {cfg.data.seq_len} = {tokens:,} tokens per step "
+        f"({n_micro} micro-batches of {cfg.data.micro_batch_size} per process); {cfg.trainer.max_steps:,} steps\n"
+        + (f"  resuming from {resume_path} (step {step})" if resume_path else "  starting from scratch")
+    )
+
+
+def summarize(cfg: TrainConfig, module: LitLM, trainer: L.Trainer, run_dir: Path, start_step: int) -> dict[str, Any]:
+    train = module.history["train/loss"]
+    val = module.history["val/loss"]
+    steps = trainer.global_step - start_step
+    tokens = steps * module.tokens_per_batch
+    checkpoints = run_dir / "checkpoints"
+    latest = (checkpoints / "latest").read_text().strip() if (checkpoints / "latest").exists() else None
+    return {
+        "run_dir": str(run_dir),
+        "steps": trainer.global_step,
+        "steps_this_session": steps,
+        "tokens": trainer.global_step * module.tokens_per_batch,
+        "tokens_per_s": tokens / module.train_seconds if module.train_seconds else math.nan,
+        "train_seconds": module.train_seconds,
+        "train_loss_first": train[0][1] if train else None,
+        "train_loss_last": train[-1][1] if train else None,
+        "val_loss_first": val[0][1] if val else None,
+        "val_loss_last": val[-1][1] if val else None,
+        "val_ppl_last": math.exp(val[-1][1]) if val else None,
+        "checkpoint": str(checkpoints / latest) if latest else None,
+        "config": str(run_dir / "config.yaml"),
+    }
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    def loss(a, b):
+        return f"{a:.3f} -> {b:.3f}" if a is not None else "n/a"
+
+    val = ""
+    if s["val_loss_last"] is not None:
+        val = f"; held-out loss {loss(s['val_loss_first'], s['val_loss_last'])} (perplexity {s['val_ppl_last']:.1f})"
+    console.print(
+        f"\n[bold green]Done:[/bold green] {s['steps']:,} steps, {s['tokens']:,} tokens "
+        f"({s['steps_this_session']:,} steps in {s['train_seconds']:.0f} s this session, "
+        f"{s['tokens_per_s']:,.0f} tokens/s)\n"
+        f"  train loss {loss(s['train_loss_first'], s['train_loss_last'])}{val}\n"
+        f"  run directory: {s['run_dir']}  (config.yaml, checkpoints/, logs/metrics.csv, events.jsonl, "
+        "data_sequence/)\n"
+        f"  continue training: lit-open train --config {s['config']} trainer.max_steps={2 * s['steps']}\n"
+        + (f"  evaluate:          lit-open eval checkpoint={s['checkpoint']}" if s["checkpoint"] else "")
+    )

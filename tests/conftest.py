@@ -1,0 +1,80 @@
+"""Shared fixtures: an isolated data cache, a small prepared dataset, and the overrides of a tiny run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory) -> Path:
+    """Keep tests away from ~/.cache/lit-open: quickstart data is prepared once per test session."""
+    cache = tmp_path_factory.mktemp("lit-open-cache")
+    os.environ["LIT_OPEN_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """60 standard-library files tokenized with a 512-token BPE: train/ and val/ splits, about 300k tokens."""
+    from lit_open.config import PrepareConfig
+    from lit_open.data.prepare import prepare
+    from lit_open.data.readers import stdlib_files
+
+    root = tmp_path_factory.mktemp("tiny-data")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    files = [p for p in stdlib_files()[1] if p.stat().st_size > 4000][:60]
+    for i, path in enumerate(files):
+        (corpus / f"{i:03d}.py").write_text(path.read_text(errors="replace"))
+    out = root / "prepared"
+    prepare(PrepareConfig(inputs=[str(corpus)], output=str(out), vocab_size=512, val_fraction=0.1, num_workers=1))
+    return out
+
+
+def tiny_overrides(data: Path, run_dir: Path, **extra: object) -> list[str]:
+    """Overrides for a 2-layer model on `tiny_data` that trains a step in well under a second."""
+    overrides = {
+        "run.dir": str(run_dir),
+        "model.n_layer": 2,
+        "model.d_model": 64,
+        "model.n_head": 4,
+        "model.n_kv_head": 2,
+        "model.d_ff": 128,
+        "model.vocab_size": 512,
+        "model.max_seq_len": 64,
+        "data.sources": f"[{{path:{data}/train}}]",
+        "data.val_sources": f"[{{path:{data}/val}}]",
+        "data.tokenizer": str(data / "tokenizer.json"),
+        "data.prepare": "null",
+        "data.seq_len": 32,
+        "data.micro_batch_size": 4,
+        "data.global_batch_size": 8,
+        "data.num_workers": 0,
+        "data.val_samples": 16,
+        "trainer.max_steps": 6,
+        "trainer.val_check_interval": 3,
+        "checkpoint.every_n_steps": 3,
+        "schedule.warmup_steps": 2,
+        "optim.lr": 1e-2,
+    }
+    overrides.update(extra)
+    return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
+    """`lit-open ARGS` as a user types it, in a fresh process."""
+    return subprocess.run(
+        [sys.executable, "-m", "lit_open.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )

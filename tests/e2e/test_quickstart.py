@@ -1,0 +1,24 @@
+"""The README's main command: `lit-open train` prepares the standard-library data and trains on the CPU."""
+
+import csv
+import re
+
+import pytest
+from conftest import run_cli
+
+
+@pytest.mark.slow
+def test_quickstart_trains_and_its_held_out_loss_falls_below_60_percent(tmp_path):
+    result = run_cli("train", cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "quickstart"
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    val = [(int(r["step"]), float(r["val/loss"])) for r in rows if r["val/loss"]]
+    first, last = val[0], val[-1]
+    assert first[0] == 0 and last[0] == max(int(r["step"]) for r in rows)
+    assert last[1] < 0.6 * first[1], val
+    summary = result.stderr[result.stderr.index("Done:") :]
+    assert re.search(r"held-out loss [\d.]+ -> [\d.]+", summary)
+    assert "lit-open eval checkpoint=" in summary and "lit-open train --config" in summary
+    assert (run_dir / "checkpoints" / "latest").exists() and (run_dir / "data_sequence" / "sources.json").exists()
