@@ -138,6 +138,12 @@ def load_prepare_config(overrides: list[str]) -> PrepareConfig:
 def _override_message(err: Exception, schema: type) -> str:
     text = str(err).strip()
     match = _COULD_NOT_OVERRIDE.search(text)
+    if match and match.group(1) == "plugins" and not group_options("plugins"):
+        # Hydra knows no `plugins` group while no plugin is shipped or installed
+        return (
+            "No plugins are installed, so plugins=[...] has nothing to select. Packages add plugins under the "
+            "entry-point group lit_open.plugins; `lit-open list plugins` shows what is available."
+        )
     if match:
         key = match.group(1)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
