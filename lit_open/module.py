@@ -54,6 +54,8 @@ class LitLM(L.LightningModule):
         self.model: Transformer | None = None
         self.events = EventLog(Path(run_dir) / "events.jsonl" if run_dir is not None else None)
         self.consumed_batches = 0  # global batches consumed: the position in the data order
+        self.skipped_updates = 0
+        self._batches_since_row = 0
         self.tokens_per_batch = config.data.global_batch_size * config.data.seq_len
         self.val_loss = MeanMetric()
         self.last_metrics: dict[str, float] = {}
@@ -111,13 +113,17 @@ class LitLM(L.LightningModule):
             "grad_norm": float(grad_norm),
             "lr": lr,
         }
-        skip = any(plugin.skip_step(metrics) for plugin in self.plugins)
-        skip = self.trainer.strategy.reduce_boolean_decision(skip, all=False)  # skipped on every rank if on any
+        decisions = [plugin.skip_step(metrics) for plugin in self.plugins]  # ask all: each keeps its statistics
+        skip = self.trainer.strategy.reduce_boolean_decision(any(decisions), all=False)  # all ranks skip if one does
         if not skip:
             optimizer.step()
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         self.consumed_batches = data_step + 1
+        self._batches_since_row += 1
+        if skip:  # no row: metrics.csv has one row per optimizer step; the plugin records why in events.jsonl
+            self.skipped_updates += 1
+            return
 
         now = time.perf_counter()
         seconds = now - self._step_clock
@@ -128,9 +134,10 @@ class LitLM(L.LightningModule):
             "train/lr": lr,
             "train/grad_norm": metrics["grad_norm"],
             "train/tokens": float(self.consumed_batches * self.tokens_per_batch),
-            "train/tokens_per_s": self.tokens_per_batch / seconds,
-            "train/skipped": float(skip),
+            "train/tokens_per_s": self._batches_since_row * self.tokens_per_batch / seconds,
+            "train/skipped": float(self.skipped_updates),  # updates skipped so far in the run
         }
+        self._batches_since_row = 0
         row.update({f"train/{k}": float(v) for k, v in means.items() if k != "loss"})
         self._log_row(row)
 
@@ -169,6 +176,7 @@ class LitLM(L.LightningModule):
         checkpoint[CHECKPOINT_KEY] = {
             "config": asdict(self.config),
             "consumed_batches": self.consumed_batches,
+            "skipped_updates": self.skipped_updates,
             "rng": {
                 "python": random.getstate(),
                 "numpy": _numpy_state_to_plain(np.random.get_state()),
@@ -180,6 +188,7 @@ class LitLM(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint[CHECKPOINT_KEY]
         self.consumed_batches = state["consumed_batches"]
+        self.skipped_updates = state["skipped_updates"]
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(_numpy_state_from_plain(rng["numpy"]))

@@ -82,7 +82,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     every = cfg.trainer.val_check_interval or cfg.trainer.max_steps + 1
     trainer.val_check_interval = every * n_micro
     if trainer.is_global_zero:
-        print_header(cfg, module, trainer, n_micro, resume_path, resume_step)
+        print_header(cfg, trainer, n_micro, resume_path, resume_step)
     if resume_path is not None:
         module.events.write(resume_step, "resume", checkpoint=str(resume_path), changed=changed)
     else:
@@ -180,16 +180,17 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def print_header(cfg: TrainConfig, module: LitLM, trainer: L.Trainer, n_micro: int, resume_path, step: int) -> None:
+def print_header(cfg: TrainConfig, trainer: L.Trainer, n_micro: int, resume_path: Path | None, step: int) -> None:
     with torch.device("meta"):
         params = num_parameters(Transformer(cfg.model))
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
+    micro = f"{n_micro} micro-batch{'es' if n_micro > 1 else ''} of {cfg.data.micro_batch_size} per process"
     console.print(
         f"[bold]lit-open[/bold] run [cyan]{cfg.run.name}[/cyan] ({cfg.run.recipe or 'no recipe'}) -> {cfg.run.dir}\n"
         f"  model {cfg.model.name}: {params / 1e6:,.2f}M parameters; {cfg.trainer.precision} on "
         f"{trainer.world_size} x {trainer.strategy.root_device.type}\n"
         f"  {cfg.data.global_batch_size} x {cfg.data.seq_len} = {tokens:,} tokens per step "
-        f"({n_micro} micro-batches of {cfg.data.micro_batch_size} per process); {cfg.trainer.max_steps:,} steps\n"
+        f"({micro}); {cfg.trainer.max_steps:,} steps\n"
         + (f"  resuming from {resume_path} (step {step})" if resume_path else "  starting from scratch")
     )
 

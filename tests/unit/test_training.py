@@ -103,7 +103,9 @@ def test_plugin_hooks_are_called_and_a_skipped_step_changes_nothing(tiny_data, t
     # the skipped update consumed its batch but not an optimizer step: 7 batches for 6 steps
     assert summary["steps"] == 6 and len(read_data_sequence(run_dir / "data_sequence")) == 7
     rows = [r for r in metrics(run_dir) if r["train/loss"]]
-    assert [r["train/skipped"] for r in rows].count("1.0") == 1
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]  # one row per update, none for the skipped one
+    assert [float(r["train/skipped"]) for r in rows] == [0, 0, 1, 1, 1, 1]
+    assert float(rows[2]["train/tokens"]) == 4 * 8 * 32  # update 3 came from the 4th batch: the 3rd was skipped
     assert all(float(r["train/extra"]) > 0 for r in rows)
     assert any(e["event"] == "skip" and e["plugin"] == "recorder" for e in read_events(run_dir / "events.jsonl"))
 
