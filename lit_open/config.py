@@ -13,7 +13,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from lit_open.errors import UserError
+from lit_open.errors import UserError, check_choice
 from lit_open.model.config import ModelConfig
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
@@ -186,11 +186,6 @@ def schema_keys(schema: type, dotted: str) -> list[str] | None:
 def _field_type(schema: type, dotted: str) -> str | None:
     node = _resolve_schema(schema, dotted)
     return getattr(node, "__name__", None) or (str(node).replace("typing.", "") if node is not None else None)
-
-
-def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"{key}={value!r} is not supported; choose one of: {', '.join(choices)}.")
 
 
 def validate(cfg: DictConfig | dict) -> TrainConfig:

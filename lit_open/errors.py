@@ -7,3 +7,9 @@ class UserError(Exception):
     The message names the bad key, path or value and what would be accepted. The CLI prints it without a
     traceback (set LIT_OPEN_DEBUG=1 to see one) and exits with status 2.
     """
+
+
+def check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
+    """Refuse a config value outside `choices`, naming the key and what is accepted."""
+    if value not in choices:
+        raise UserError(f"{key}={value!r} is not supported; choose one of: {', '.join(choices)}.")

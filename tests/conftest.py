@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -66,6 +67,17 @@ def tiny_overrides(data: Path, run_dir: Path, **extra: object) -> list[str]:
     }
     overrides.update(extra)
     return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of a run's logs/metrics.csv."""
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """train/loss by optimizer step."""
+    return {int(r["step"]): float(r["train/loss"]) for r in read_metrics(run_dir) if r["train/loss"]}
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):

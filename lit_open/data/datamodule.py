@@ -86,9 +86,6 @@ class TokenSamples(Dataset):
             ]
         return self._streams
 
-    def __len__(self) -> int:
-        raise TypeError("TokenSamples is addressed by (source, index) keys from a batch sampler")
-
     def __getitem__(self, key: tuple[int, ...]) -> dict[str, Any]:
         source, index, data_step, micro, n_micro = key
         tokens = np.asarray(self._open()[source][index], dtype=np.int64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lit_open.errors import UserError
+from lit_open.errors import UserError, check_choice
 
 FAMILIES = ("llama", "olmo2", "gpt_neox")
 NORMS = ("rmsnorm", "layernorm")
@@ -49,12 +49,12 @@ class ModelConfig:
     attention: str = "auto"  # attention backend: auto | sdpa | math
 
     def __post_init__(self) -> None:
-        _choice("family", self.family, FAMILIES)
-        _choice("norm", self.norm, NORMS)
-        _choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
-        _choice("qk_norm", self.qk_norm, QK_NORMS)
-        _choice("mlp", self.mlp, MLPS)
-        _choice("attention", self.attention, ATTENTION_BACKENDS)
+        check_choice("model.family", self.family, FAMILIES)
+        check_choice("model.norm", self.norm, NORMS)
+        check_choice("model.norm_placement", self.norm_placement, NORM_PLACEMENTS)
+        check_choice("model.qk_norm", self.qk_norm, QK_NORMS)
+        check_choice("model.mlp", self.mlp, MLPS)
+        check_choice("model.attention", self.attention, ATTENTION_BACKENDS)
         for key in ("vocab_size", "pad_vocab_multiple", "n_layer", "d_model", "n_head", "d_ff", "max_seq_len"):
             if getattr(self, key) < 1:
                 raise UserError(f"model.{key}={getattr(self, key)} must be a positive integer.")
@@ -91,8 +91,3 @@ class ModelConfig:
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.rotary_fraction)
-
-
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"model.{key}={value!r} is not supported; choose one of: {', '.join(choices)}.")

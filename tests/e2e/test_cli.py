@@ -1,11 +1,10 @@
 """The CLI as a user types it: listing, prepare -> train -> eval, and bad input (exit status 2, no traceback)."""
 
-import csv
 import json
 
 import pytest
 import torch
-from conftest import run_cli, tiny_overrides
+from conftest import read_metrics, run_cli, tiny_overrides
 
 
 def assert_user_error(result, *fragments):
@@ -55,11 +54,6 @@ def test_unwritable_run_directory_exits_2(tiny_data, tmp_path):
     blocker.write_text("not a directory")
     result = run_cli("train", *tiny_overrides(tiny_data, blocker / "run"))
     assert_user_error(result, "is not writable", "run.dir=PATH")
-
-
-def read_metrics(run_dir):
-    with open(run_dir / "logs" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.slow

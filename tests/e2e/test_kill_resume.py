@@ -1,6 +1,5 @@
 """A run killed with SIGKILL mid-training resumes with resume=auto and repeats the uninterrupted run exactly."""
 
-import csv
 import os
 import signal
 import subprocess
@@ -8,16 +7,11 @@ import sys
 import time
 
 import pytest
-from conftest import tiny_overrides
+from conftest import tiny_overrides, train_losses
 
 from lit_open.events import read_events
 
 STEPS, EVERY = 40, 10
-
-
-def losses(run_dir):
-    with open(run_dir / "logs" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]}
 
 
 def command(data, run_dir):
@@ -57,7 +51,7 @@ def test_sigkill_then_resume_auto_matches_the_uninterrupted_run(tiny_data, tmp_p
     resumed = subprocess.run(command(tiny_data, run_dir), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {run_dir / 'checkpoints' / f'step-{killed_at:08d}.ckpt'}" in resumed.stderr
-    expected, got = losses(tmp_path / "reference"), losses(run_dir)
+    expected, got = train_losses(tmp_path / "reference"), train_losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(killed_at + 1, STEPS + 1):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), step

@@ -1,10 +1,9 @@
 """The README's main command: `lit-open train` prepares the standard-library data and trains on the CPU."""
 
-import csv
 import re
 
 import pytest
-from conftest import run_cli
+from conftest import read_metrics, run_cli
 
 
 @pytest.mark.slow
@@ -12,8 +11,7 @@ def test_quickstart_trains_and_its_held_out_loss_falls_below_60_percent(tmp_path
     result = run_cli("train", cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "quickstart"
-    with open(run_dir / "logs" / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_metrics(run_dir)
     val = [(int(r["step"]), float(r["val/loss"])) for r in rows if r["val/loss"]]
     first, last = val[0], val[-1]
     assert first[0] == 0 and last[0] == max(int(r["step"]) for r in rows)

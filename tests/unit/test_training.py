@@ -1,12 +1,11 @@
 """`lit_open.train.run` on a tiny model: the run directory, accumulation, precisions, plugin hooks, resume."""
 
-import csv
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import read_metrics, tiny_overrides, train_losses
 
 from lit_open.compose import load_train_config
 from lit_open.data.order import DataOrder
@@ -17,15 +16,6 @@ from lit_open.train import run
 
 def train(data, run_dir, **extra):
     return run(load_train_config(tiny_overrides(data, run_dir, **extra)))
-
-
-def metrics(run_dir):
-    with open(run_dir / "logs" / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def losses(run_dir):
-    return {int(r["step"]): float(r["train/loss"]) for r in metrics(run_dir) if r["train/loss"]}
 
 
 def test_run_directory_has_every_promised_artifact(tiny_data, tmp_path):
@@ -40,7 +30,7 @@ def test_run_directory_has_every_promised_artifact(tiny_data, tmp_path):
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-00000003.ckpt", "step-00000006.ckpt"]
     assert (checkpoints / "latest").read_text().strip() == "step-00000006.ckpt"
 
-    rows = metrics(run_dir)
+    rows = read_metrics(run_dir)
     train_rows = [r for r in rows if r["train/loss"]]
     assert [int(r["step"]) for r in train_rows] == [1, 2, 3, 4, 5, 6]
     for r in train_rows:
@@ -67,7 +57,7 @@ def test_run_directory_has_every_promised_artifact(tiny_data, tmp_path):
 def test_gradient_accumulation_equals_one_large_batch(tiny_data, tmp_path):
     train(tiny_data, tmp_path / "accum", **{"data.micro_batch_size": 2})  # 4 micro-batches per step
     train(tiny_data, tmp_path / "whole", **{"data.micro_batch_size": 8})
-    a, b = losses(tmp_path / "accum"), losses(tmp_path / "whole")
+    a, b = train_losses(tmp_path / "accum"), train_losses(tmp_path / "whole")
     assert a.keys() == b.keys()
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-5)
@@ -102,7 +92,7 @@ def test_plugin_hooks_are_called_and_a_skipped_step_changes_nothing(tiny_data, t
     assert recorder.unchanged_by_skip == [True]  # weights, bit for bit, across the skipped update
     # the skipped update consumed its batch but not an optimizer step: 7 batches for 6 steps
     assert summary["steps"] == 6 and len(read_data_sequence(run_dir / "data_sequence")) == 7
-    rows = [r for r in metrics(run_dir) if r["train/loss"]]
+    rows = [r for r in read_metrics(run_dir) if r["train/loss"]]
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]  # one row per update, none for the skipped one
     assert [float(r["train/skipped"]) for r in rows] == [0, 0, 1, 1, 1, 1]
     assert float(rows[2]["train/tokens"]) == 4 * 8 * 32  # update 3 came from the 4th batch: the 3rd was skipped
@@ -130,7 +120,7 @@ def test_a_crashed_run_resumes_and_repeats_the_uninterrupted_one(tiny_data, tmp_
         train(tiny_data, tmp_path / "split")
     monkeypatch.setattr(train_module, "build_plugins", real_build)
     train(tiny_data, tmp_path / "split")  # resume=auto: from the step-3 checkpoint
-    full, split = losses(tmp_path / "full"), losses(tmp_path / "split")
+    full, split = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
     assert sorted(split) == [1, 2, 3, 4, 5, 6]  # history up to the checkpoint kept, replayed steps once
     for step in full:
         assert split[step] == pytest.approx(full[step], rel=1e-6)
