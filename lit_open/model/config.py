@@ -12,7 +12,7 @@ NORMS = ("rmsnorm", "layernorm")
 NORM_PLACEMENTS = ("pre", "post")
 QK_NORMS = ("none", "full", "head")
 MLPS = ("swiglu", "gelu")
-ATTENTION_BACKENDS = ("auto", "sdpa", "math")
+ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa", "varlen", "flex", "dense", "math")
 
 
 @dataclass
