@@ -19,7 +19,11 @@ from lit_open.model.config import ModelConfig
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 OPTIMIZERS = ("adamw",)
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
-STRATEGIES = ("auto", "ddp")
+STRATEGIES = ("auto", "ddp", "fsdp", "tp", "fsdp_tp")
+MODEL_PARALLEL_STRATEGIES = ("fsdp", "tp", "fsdp_tp")  # built on Lightning's ModelParallelStrategy
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -63,6 +67,8 @@ class DataConfig:
     global_batch_size: int = 512  # sequences per optimizer step over all ranks (sets gradient accumulation)
     num_workers: int = 1
     val_samples: int = 256  # held-out sequences scored at each validation
+    # Tokens attend only within their own document (EOS-delimited) instead of across the packed sequence.
+    document_mask: bool = False
     prepare: PrepareConfig | None = None  # when set, builds the sources above on first use if they are missing
 
 
@@ -97,7 +103,18 @@ class ScheduleConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = "auto"  # auto | ddp
+    """How the model is spread over processes, and the memory/speed switches applied to it (lit_open.parallel)."""
+
+    name: str = "auto"  # auto | ddp | fsdp | tp | fsdp_tp
+    # fsdp, tp, fsdp_tp: data-parallel x tensor-parallel must equal the number of processes.
+    data_parallel_size: int | None = None  # None: processes / tensor_parallel_size
+    tensor_parallel_size: int | None = None  # None: 1 for fsdp, all processes for tp, trainer.devices for fsdp_tp
+    activation_checkpointing: str = "none"  # none | full (recompute each block) | selective (keep matmul outputs)
+    compile: bool = False  # torch.compile each block
+    param_dtype: str | None = None  # fsdp/tp/fsdp_tp compute and all-gather dtype (bfloat16); None: as stored
+    reduce_dtype: str = "float32"  # fsdp/tp/fsdp_tp gradient reduce-scatter dtype
+    float8: str = "none"  # none | tensorwise | rowwise: torchao float8 matmuls (Hopper GPUs), output head excluded
+    loss_chunk_tokens: int = 1024  # tokens per chunk of output head + cross-entropy (lit_open.loss); 0: all at once
 
 
 @dataclass
@@ -193,7 +210,25 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
     typed: TrainConfig = to_typed(TrainConfig, cfg, "config")
     check_choice("optim.name", typed.optim.name, OPTIMIZERS)
     check_choice("schedule.name", typed.schedule.name, SCHEDULES)
-    check_choice("strategy.name", typed.strategy.name, STRATEGIES)
+    strategy = typed.strategy
+    check_choice("strategy.name", strategy.name, STRATEGIES)
+    check_choice("strategy.activation_checkpointing", strategy.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+    check_choice("strategy.float8", strategy.float8, FLOAT8_RECIPES)
+    check_choice("strategy.reduce_dtype", strategy.reduce_dtype, DTYPES)
+    if strategy.param_dtype is not None:
+        check_choice("strategy.param_dtype", strategy.param_dtype, DTYPES)
+    for key in ("data_parallel_size", "tensor_parallel_size"):
+        value = getattr(strategy, key)
+        if value is not None and value < 1:
+            raise UserError(f"strategy.{key}={value} must be a positive integer (or null to derive it).")
+    if strategy.name not in MODEL_PARALLEL_STRATEGIES:
+        for key, default in (("data_parallel_size", None), ("tensor_parallel_size", None), ("param_dtype", None)):
+            if getattr(strategy, key) != default:
+                raise UserError(
+                    f"strategy.{key} applies to strategy=fsdp, tp or fsdp_tp, not strategy={strategy.name}; "
+                    f"drop it or choose one of those (for mixed precision under {strategy.name}, set "
+                    "trainer.precision=bf16-mixed)."
+                )
     check_choice("trainer.precision", typed.trainer.precision, PRECISIONS)
     data = typed.data
     for key in ("seq_len", "micro_batch_size", "global_batch_size"):

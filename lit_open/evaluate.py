@@ -16,7 +16,7 @@ from lit_open.data.datamodule import DataModule
 from lit_open.errors import UserError
 from lit_open.module import CHECKPOINT_KEY, LitLM
 from lit_open.plugin import build_plugins
-from lit_open.train import console, ensure_data
+from lit_open.train import build_strategy, console, ensure_data
 
 
 def evaluate(checkpoint: str | Path, overrides: list[str]) -> dict[str, Any]:
@@ -41,6 +41,8 @@ def evaluate(checkpoint: str | Path, overrides: list[str]) -> dict[str, Any]:
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=1,
+        # a sharded checkpoint loads into a sharded model, here of one shard
+        strategy=build_strategy("fsdp" if path.is_dir() else "auto", 1, 1),
         precision=cfg.trainer.precision,
         logger=False,
         enable_checkpointing=False,

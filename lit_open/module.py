@@ -18,20 +18,28 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from lit_open.config import TrainConfig
 from lit_open.events import EventLog
+from lit_open.loss import LossOutput, lm_loss
 from lit_open.model import Transformer
 from lit_open.optim import build_optimizer, build_scheduler
+from lit_open.parallel import after_optimizer_step, check_tensor_parallel, materialize, parallelize
 from lit_open.plugin import Plugin, StepOutputs
 
 CHECKPOINT_KEY = "lit_open"
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The global gradient norm (over all shards and ranks), clipping to `max_norm` when it is positive."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if isinstance(norm, DTensor):  # sharded gradients: a partial norm per rank until gathered
+        norm = norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm
 
 
 def _numpy_state_to_plain(state: tuple) -> tuple:
@@ -66,27 +74,43 @@ class LitLM(L.LightningModule):
 
     # -- model ---------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
+        """Build on the meta device, parallelize (lit_open.parallel), then allocate and initialise each shard.
+
+        Under fsdp/tp/fsdp_tp Lightning's ModelParallelStrategy provides the device mesh and the model is
+        materialised on this process's device; otherwise on the CPU, and Lightning moves it.
+        """
         if self.model is not None:
             return
         model_config = self.config.model
         for plugin in self.plugins:
             model_config = plugin.configure_model(model_config)
-        self.model = Transformer(model_config)
+        with torch.device("meta"):
+            model = Transformer(model_config)
         for plugin in self.plugins:
-            plugin.on_model_built(self.model)
+            plugin.on_model_built(model)
+        mesh = self.device_mesh
+        if mesh is not None:
+            check_tensor_parallel(model_config, mesh["tensor_parallel"].size(), self.config.data.seq_len)
+        parallelize(model, self.config.strategy, mesh)
+        device = self.trainer.strategy.root_device if mesh is not None else torch.device("cpu")
+        self.model = materialize(model, device, self.config.run.seed)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids)
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, doc_ids)
+
+    def compute_loss(self, batch: dict[str, Any]) -> LossOutput:
+        hidden = self.model(batch["input_ids"], batch.get("doc_ids"), return_hidden=True)
+        return lm_loss(hidden, self.model.output, batch["targets"], self.config.strategy.loss_chunk_tokens)
 
     # -- training ------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self._step_clock is None:  # the first step, or the first after a validation (not training time)
             self._step_clock = time.perf_counter()
-        logits = self.model(batch["input_ids"])
-        loss = cross_entropy(logits, batch["targets"])
+        out = self.compute_loss(batch)
+        loss = out.loss
         terms: dict[str, torch.Tensor] = {}
         for plugin in self.plugins:
-            terms.update(plugin.loss_terms(StepOutputs(loss=loss, logits=logits, batch=batch)))
+            terms.update(plugin.loss_terms(StepOutputs(loss=loss, logsumexp=out.logsumexp, batch=batch)))
         total = loss + sum(terms.values()) if terms else loss
         self.manual_backward(total / batch["n_micro"])
         for name, value in {"loss": loss, **terms}.items():
@@ -98,11 +122,7 @@ class LitLM(L.LightningModule):
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         params = [p for p in self.parameters() if p.grad is not None]
-        max_norm = self.config.optim.grad_clip
-        if max_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        grad_norm = clip_gradients(params, self.config.optim.grad_clip)
         means = {k: self.trainer.strategy.reduce(v, reduce_op="mean") for k, v in self._step_sums.items()}
         self._step_sums = {}
         lr = optimizer.param_groups[0]["lr"]
@@ -118,6 +138,7 @@ class LitLM(L.LightningModule):
         if not skip:
             optimizer.step()
             scheduler.step()
+            after_optimizer_step(self.model, self.config.strategy)
         optimizer.zero_grad(set_to_none=True)
         self.consumed_batches = data_step + 1
         self._batches_since_row += 1
@@ -142,8 +163,8 @@ class LitLM(L.LightningModule):
         self._log_row(row)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss = cross_entropy(self.model(batch["input_ids"]), batch["targets"])
-        self.val_loss.update(loss, weight=batch["targets"].numel())
+        out = self.compute_loss(batch)
+        self.val_loss.update(out.loss.detach(), weight=out.tokens)
 
     def on_validation_epoch_end(self) -> None:
         if self.val_loss.update_count == 0:

@@ -27,7 +27,7 @@ class StepOutputs:
     """What `loss_terms` sees for one micro-batch."""
 
     loss: torch.Tensor  # the cross-entropy of this micro-batch (a scalar with grad)
-    logits: torch.Tensor  # (batch, seq, vocab)
+    logsumexp: torch.Tensor  # (batch * seq,) float32 log-partition of each token's logits, with grad (z-loss)
     batch: dict[str, Any]  # input_ids, targets, data_step, micro, ...
 
 

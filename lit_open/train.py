@@ -12,12 +12,12 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from rich.console import Console
 
 from lit_open.checkpoint.resumable import CheckpointWriter, find_resume_checkpoint, read_checkpoint
 from lit_open.compose import to_yaml
-from lit_open.config import TrainConfig
+from lit_open.config import MODEL_PARALLEL_STRATEGIES, TrainConfig, TrainerConfig
 from lit_open.data.datamodule import DataModule, micro_batches_per_step, open_sources
 from lit_open.data.prepare import prepare
 from lit_open.data.sequence import DataSequenceLog
@@ -25,6 +25,7 @@ from lit_open.errors import UserError
 from lit_open.loggers import build_loggers
 from lit_open.model import Transformer, num_parameters
 from lit_open.module import CHECKPOINT_KEY, LitLM
+from lit_open.parallel import check_tensor_parallel
 from lit_open.plugin import build_plugins
 from lit_open.progress import StepProgress
 
@@ -39,7 +40,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if rank_zero:
         ensure_writable(run_dir)
     ensure_data(cfg, rank_zero)
+    data_parallel, tensor_parallel = parallel_sizes(cfg)
+    check_tensor_parallel(cfg.model, tensor_parallel, cfg.data.seq_len)
+    n_micro = micro_batches_per_step(cfg.data, data_parallel)
     resume_path = find_resume_checkpoint(cfg.resume, run_dir)
+    if resume_path is not None:
+        check_checkpoint_kind(resume_path, cfg.strategy.name)
     resumed = read_checkpoint(resume_path) if resume_path is not None else None
     changed = check_resumable(cfg, resumed) if resumed is not None else {}
     resume_step = resumed["global_step"] if resumed is not None else 0
@@ -57,7 +63,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=DDPStrategy() if cfg.strategy.name == "ddp" else "auto",
+        strategy=build_strategy(cfg.strategy.name, data_parallel, tensor_parallel),
         precision=cfg.trainer.precision,
         max_steps=cfg.trainer.max_steps,
         max_epochs=-1,
@@ -77,7 +83,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         inference_mode=False,  # metric state made by a standalone validate() must stay updatable in fit()
     )
     module.events.enabled = module.events.enabled and trainer.is_global_zero
-    n_micro = micro_batches_per_step(cfg.data, trainer.world_size)
+    if data_parallel * tensor_parallel != trainer.world_size:
+        raise UserError(
+            f"strategy.data_parallel_size={data_parallel} x strategy.tensor_parallel_size={tensor_parallel} must "
+            f"equal the number of processes, {trainer.world_size} (trainer.devices x trainer.num_nodes)."
+        )
     # Lightning counts validation intervals in micro-batches; ours are optimizer steps.
     every = cfg.trainer.val_check_interval or cfg.trainer.max_steps + 1
     trainer.val_check_interval = every * n_micro
@@ -86,7 +96,15 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if resume_path is not None:
         module.events.write(resume_step, "resume", checkpoint=str(resume_path), changed=changed)
     else:
-        module.events.write(0, "start", recipe=cfg.run.recipe, world_size=trainer.world_size)
+        module.events.write(
+            0,
+            "start",
+            recipe=cfg.run.recipe,
+            world_size=trainer.world_size,
+            strategy=cfg.strategy.name,
+            data_parallel_size=data_parallel,
+            tensor_parallel_size=tensor_parallel,
+        )
 
     has_val = bool(cfg.data.val_sources)
     if has_val and resume_path is None and cfg.trainer.validate_at_start:
@@ -99,6 +117,60 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         print_summary(summary)
     return summary
+
+
+def processes_per_node(trainer: TrainerConfig) -> int:
+    """trainer.devices as a number of processes per node (Lightning also accepts a list or auto / -1)."""
+    devices = trainer.devices
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if devices in ("auto", -1):
+        gpu = trainer.accelerator in ("gpu", "cuda") or (trainer.accelerator == "auto" and torch.cuda.is_available())
+        return max(torch.cuda.device_count(), 1) if gpu else 1
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    raise UserError(f"trainer.devices={devices!r}: give a number of devices per node, a list of device ids or auto.")
+
+
+def parallel_sizes(cfg: TrainConfig) -> tuple[int, int]:
+    """(data-parallel size, tensor-parallel size) of the run; their product is the number of processes."""
+    per_node = processes_per_node(cfg.trainer)
+    world = per_node * cfg.trainer.num_nodes
+    strategy = cfg.strategy
+    if strategy.name not in MODEL_PARALLEL_STRATEGIES:
+        return world, 1
+    default_tp = {"fsdp": 1, "tp": world, "fsdp_tp": per_node}[strategy.name]
+    tp = strategy.tensor_parallel_size or default_tp
+    dp = strategy.data_parallel_size or max(world // tp, 1)
+    if dp * tp != world:
+        raise UserError(
+            f"strategy={strategy.name} with data_parallel_size={dp} x tensor_parallel_size={tp} = {dp * tp} "
+            f"processes, but the run has {world} (trainer.devices={cfg.trainer.devices} x trainer.num_nodes="
+            f"{cfg.trainer.num_nodes}). Make the product equal the number of processes, or leave one size null."
+        )
+    return dp, tp
+
+
+def build_strategy(name: str, data_parallel: int, tensor_parallel: int) -> Strategy | str:
+    if name == "ddp":
+        return DDPStrategy()
+    if name in MODEL_PARALLEL_STRATEGIES:
+        # Distributed checkpoints: one shard file per process, loadable with another number of processes.
+        return ModelParallelStrategy(
+            data_parallel_size=data_parallel, tensor_parallel_size=tensor_parallel, save_distributed_checkpoint=True
+        )
+    return "auto"
+
+
+def check_checkpoint_kind(path: Path, strategy: str) -> None:
+    """A sharded (directory) checkpoint loads only into a sharded model."""
+    if path.is_dir() and strategy not in MODEL_PARALLEL_STRATEGIES:
+        raise UserError(
+            f"{path} is a sharded checkpoint (saved with strategy=fsdp, tp or fsdp_tp) and strategy={strategy} "
+            "cannot load it. Resume with strategy=fsdp (it also runs on a single device) or another of those."
+        )
 
 
 def ensure_writable(run_dir: Path) -> None:

@@ -20,6 +20,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lit_open.errors import UserError
 
 POINTER = "latest"
+SHARDED_METADATA = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
 _NAME = re.compile(r"^step-(\d{8})\.ckpt$")
 
 
@@ -123,9 +124,14 @@ def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint's metadata (not its tensors' data) or raise a UserError that says what to do."""
+    """Load a checkpoint's metadata (not its tensors' data) or raise a UserError that says what to do.
+
+    A sharded checkpoint (a directory of per-process shards, written under strategy=fsdp/tp/fsdp_tp) keeps
+    everything but the model and optimizer tensors in its `meta.pt`.
+    """
     try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        file = path / SHARDED_METADATA if path.is_dir() else path
+        checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
         if not isinstance(checkpoint, dict) or "global_step" not in checkpoint or "lit_open" not in checkpoint:
             raise ValueError("it is not a lit-open training checkpoint")
     except Exception as err:  # any failure to read means a truncated, corrupt or foreign file

@@ -16,6 +16,7 @@ from lit_open.config import DataConfig, SourceConfig
 from lit_open.data.order import DataOrder
 from lit_open.data.prepare import read_manifest
 from lit_open.errors import UserError
+from lit_open.model.attention import doc_ids_from_tokens
 
 
 @dataclass
@@ -55,6 +56,15 @@ def open_sources(sources: list[SourceConfig], block_size: int, key: str) -> list
 
 
 def data_parallel_rank_and_size(trainer: L.Trainer) -> tuple[int, int]:
+    """This process's rank among the data-parallel replicas, and their number.
+
+    Tensor-parallel peers work on the same batch, so under a device mesh the data is split by the mesh's
+    data-parallel dimension, not by global rank.
+    """
+    mesh = getattr(trainer.strategy, "_device_mesh", None)  # set by ModelParallelStrategy once processes exist
+    if mesh is not None:
+        data_parallel = mesh["data_parallel"]
+        return data_parallel.get_local_rank(), data_parallel.size()
     return trainer.global_rank, trainer.world_size
 
 
@@ -71,9 +81,10 @@ def micro_batches_per_step(cfg: DataConfig, data_parallel_size: int) -> int:
 class TokenSamples(Dataset):
     """Sequences of block_size tokens read by (source, index) from litdata token streams (random access)."""
 
-    def __init__(self, paths: list[Path], block_size: int) -> None:
+    def __init__(self, paths: list[Path], block_size: int, eos_id: int | None = None) -> None:
         self.paths = [str(p) for p in paths]
         self.block_size = block_size
+        self.eos_id = eos_id  # set: batches carry document ids for document-masked attention
         self._streams: list | None = None  # opened lazily, once per DataLoader worker process
 
     def _open(self) -> list:
@@ -91,11 +102,12 @@ class TokenSamples(Dataset):
         tokens = np.asarray(self._open()[source][index], dtype=np.int64)
         return {"tokens": torch.from_numpy(tokens), "sample": (source, index), "meta": (data_step, micro, n_micro)}
 
-    @staticmethod
-    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         tokens = torch.stack([item["tokens"] for item in items])
         data_step, micro, n_micro = items[0]["meta"]
+        doc_ids = {} if self.eos_id is None else {"doc_ids": doc_ids_from_tokens(tokens[:, :-1], self.eos_id)}
         return {
+            **doc_ids,
             "input_ids": tokens[:, :-1],
             "targets": tokens[:, 1:],
             "samples": torch.tensor([item["sample"] for item in items], dtype=torch.long),
@@ -159,7 +171,7 @@ class DataModule(L.LightningDataModule):
         micro_batches_per_step(self.cfg, world_size)  # fail early on a batch size that does not divide
         start = self.trainer.lightning_module.consumed_batches
         sampler = StepBatchSampler(self.order, start, rank, world_size, self.cfg.micro_batch_size)
-        return self._loader([s.path for s in self.train_sources], sampler)
+        return self._loader(self.train_sources, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sources:
@@ -169,7 +181,7 @@ class DataModule(L.LightningDataModule):
         size = self.cfg.micro_batch_size
         batches = [[(s, i, -1, 0, 1) for s, i in keys[start : start + size]] for start in range(0, len(keys), size)]
         # a few batches per validation: worker processes would cost more to start than the reading they save
-        return self._loader([s.path for s in self.val_sources], batches, workers=0)
+        return self._loader(self.val_sources, batches, workers=0)
 
     def val_keys(self) -> list[tuple[int, int]]:
         """The held-out samples scored at each validation: `val_samples` spread evenly over all val sources."""
@@ -180,13 +192,15 @@ class DataModule(L.LightningDataModule):
         offset = picks - np.concatenate([[0], np.cumsum(sizes)[:-1]])[source]
         return list(zip(source.tolist(), offset.tolist()))
 
-    def _loader(self, paths: list[Path], batch_sampler, workers: int | None = None) -> DataLoader:
+    def _loader(self, sources: list[Source], batch_sampler, workers: int | None = None) -> DataLoader:
         workers = self.cfg.num_workers if workers is None else workers
+        eos_id = sources[0].manifest["tokenizer"]["eos_id"] if self.cfg.document_mask else None
+        samples = TokenSamples([s.path for s in sources], self.block_size, eos_id)
         return DataLoader(
-            TokenSamples(paths, self.block_size),
+            samples,
             batch_sampler=batch_sampler,
             num_workers=workers,
-            collate_fn=TokenSamples.collate,
+            collate_fn=samples.collate,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
             prefetch_factor=4 if workers > 0 else None,

@@ -6,6 +6,8 @@ Module and parameter names are a contract: tensor-parallel plans and the Hugging
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,12 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", torch.empty(table, dtype=torch.float32), persistent=False)
         self.init_weights()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, return_hidden: bool = False
+    ) -> torch.Tensor:
+        """Logits (batch, seq, padded vocab); or, with return_hidden, the final-normed hidden states (batch, seq,
+        d_model), for a loss that applies `self.output` chunk by chunk (lit_open.loss). doc_ids (batch, seq):
+        tokens attend only to earlier tokens with the same id (packed documents); None: plain causal."""
         T = input_ids.size(1)
         if T > self.config.max_seq_len:
             raise ValueError(
@@ -42,13 +49,25 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.tok_embeddings(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.output(self.norm(x))
+            x = layer(x, cos, sin, doc_ids)
+        x = self.norm(x)
+        return x if return_hidden else self.output(x)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Draw every parameter afresh and recompute the RoPE tables; a no-op on the meta device."""
+    def init_weights(self, seed: int | None = None, write: Callable[[torch.Tensor, torch.Tensor], None] | None = None):
+        """Draw every parameter afresh and recompute the RoPE tables; a no-op on the meta device.
+
+        Each parameter is drawn whole from its own generator, seeded by `seed` (default: torch's initial seed) and
+        its name, so the values do not depend on how the model is sharded or on the order of construction: a
+        model materialised shard by shard after parallelization equals one built whole. `write(param, value)`
+        stores a full value into a parameter (default: copy_); lit_open.parallel passes one that keeps only
+        the local shard of a distributed parameter.
+        """
+        if self.rope_cos.is_meta:
+            return
         c = self.config
+        seed = torch.initial_seed() if seed is None else seed
+        write = write or (lambda param, value: param.copy_(value))
         if c.tie_embeddings:
             # to_empty() gives each module its own new tensor, which unties a model built on the meta device.
             self.output.weight = self.tok_embeddings.weight
@@ -60,19 +79,29 @@ class Transformer(nn.Module):
         # Output projections add into the residual stream once per sublayer; scaling them keeps its
         # variance from growing with depth (GPT-2).
         out_std = c.init_std / math.sqrt(2 * c.n_layer) if c.init_scale_output else c.init_std
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                if module is self.output and c.tie_embeddings:
-                    continue  # the shared weight is drawn once, as tok_embeddings
-                std = out_std if name.endswith(("attention.wo", "feed_forward.w2")) else c.init_std
-                if c.init_cutoff is None:
-                    nn.init.normal_(module.weight, std=std)
+        seen: set[int] = set()  # a tied weight is drawn once, as tok_embeddings
+        for module_name, module in self.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                name = f"{module_name}.{param_name}"
+                value = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+                if param_name == "bias":
+                    value.zero_()
+                elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                    value.fill_(1.0)
                 else:
-                    nn.init.trunc_normal_(module.weight, std=std, a=-c.init_cutoff * std, b=c.init_cutoff * std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
-                module.reset_parameters()
+                    generator = torch.Generator(param.device).manual_seed(
+                        (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+                    )
+                    std = out_std if module_name.endswith(("attention.wo", "feed_forward.w2")) else c.init_std
+                    if c.init_cutoff is None:
+                        nn.init.normal_(value, std=std, generator=generator)
+                    else:
+                        cut = c.init_cutoff * std
+                        nn.init.trunc_normal_(value, std=std, a=-cut, b=cut, generator=generator)
+                write(param, value.to(param.dtype))
 
 
 class Block(nn.Module):
@@ -85,13 +114,13 @@ class Block(nn.Module):
         self.parallel_residual = config.parallel_residual
         self.post_norm = config.norm_placement == "post"
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None = None):
         if self.parallel_residual:
-            return x + self.attention(self.attention_norm(x), cos, sin) + self.feed_forward(self.ffn_norm(x))
+            return x + self.attention(self.attention_norm(x), cos, sin, doc_ids) + self.feed_forward(self.ffn_norm(x))
         if self.post_norm:
-            h = x + self.attention_norm(self.attention(x, cos, sin))
+            h = x + self.attention_norm(self.attention(x, cos, sin, doc_ids))
             return h + self.ffn_norm(self.feed_forward(h))
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+        h = x + self.attention(self.attention_norm(x), cos, sin, doc_ids)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -113,7 +142,9 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.backend = config.attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         if self.qk_norm == "full":
@@ -125,7 +156,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.backend)
+        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.backend, doc_ids)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -155,9 +186,6 @@ class RMSNorm(nn.Module):
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         # Scaled in float32 before the cast back, as HF OLMo 2 does; HF Llama casts first. They agree in float32.
         return (self.weight * y).to(x.dtype)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:

@@ -36,7 +36,7 @@ class Recorder(Plugin):
     def loss_terms(self, outputs):
         if not self.cfg.extra_loss:
             return {}
-        return {"extra": self.cfg.extra_loss * outputs.logits.float().pow(2).mean()}
+        return {"extra": self.cfg.extra_loss * outputs.logsumexp.pow(2).mean()}  # a z-loss
 
     def skip_step(self, metrics):
         self.calls.append(f"skip_step:{metrics['step']}")

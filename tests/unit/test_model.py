@@ -203,3 +203,20 @@ def test_bad_config_is_a_user_error():
         tiny("llama_gqa", n_kv_head=3)
     with pytest.raises(UserError, match="rotary_fraction"):
         tiny("gpt_neox", rotary_fraction=0.05)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_document_mask_makes_each_packed_document_independent(name):
+    """With doc_ids a packed document's logits equal those of the document alone (RoPE is relative)."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(name, attention="dense")).eval()
+    first, second = torch.randint(0, 100, (1, 5)), torch.randint(0, 100, (1, 8))
+    packed = torch.cat([first, second], dim=1)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 8])
+    with torch.no_grad():
+        together = model(packed, doc_ids)
+        alone = model(second)
+        unmasked = model(packed)
+    torch.testing.assert_close(together[:, 5:], alone, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(together[:, :5], unmasked[:, :5])  # the first document saw nothing else anyway
+    assert not torch.allclose(unmasked[:, 5:], alone, atol=1e-3)  # without the mask the second one sees the first

@@ -145,3 +145,23 @@ def test_sources_are_mixed_by_weight_in_every_global_batch(tiny_data, tmp_path):
     for entry in read_data_sequence(run_dir / "data_sequence"):
         sources = [source for source, _ in entry["samples"]]
         assert sources.count(0) == 6 and sources.count(1) == 2  # 3:1 of a global batch of 8, in every batch
+
+
+def test_document_mask_gives_batches_document_ids_at_eos(tiny_data, tmp_path):
+    from lit_open.data.datamodule import DataModule
+    from lit_open.data.prepare import read_manifest
+
+    cfg = load_train_config(tiny_overrides(tiny_data, tmp_path / "run", **{"data.document_mask": "true"}))
+    datamodule = DataModule(cfg.data, cfg.run.seed)
+    datamodule.setup("fit")
+    eos = read_manifest(tiny_data / "train")["tokenizer"]["eos_id"]
+    spread = range(0, datamodule.train_sources[0].samples, 5)  # a fifth of the corpus: a dozen document ends
+    loader = datamodule._loader(datamodule.train_sources, [[(0, i, 0, 0, 1) for i in spread]], workers=0)
+    batch = next(iter(loader))
+    ids, docs = batch["input_ids"], batch["doc_ids"]
+    assert (ids == eos).any(), "the test corpus should pack several documents per sequence somewhere"
+    for row, doc in zip(ids, docs):
+        after_eos = torch.cat([torch.tensor([False]), row[:-1] == eos])
+        assert torch.equal(doc.diff(), after_eos[1:].to(doc.dtype))  # a new document starts after each EOS
+    summary = train(tiny_data, tmp_path / "run", **{"data.document_mask": "true"})
+    assert summary["steps"] == 6 and summary["val_loss_last"] < summary["val_loss_first"]
