@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from rich.console import Console
 
@@ -80,13 +81,18 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             *plugins,
         ],
         default_root_dir=run_dir,
+        # Under SLURM, Lightning's own requeue would write an hpc_ckpt that it then loads behind lit-open's back;
+        # resume=auto with CheckpointWriter's checkpoints is the way runs continue after a preemption.
+        plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
         inference_mode=False,  # metric state made by a standalone validate() must stay updatable in fit()
     )
     module.events.enabled = module.events.enabled and trainer.is_global_zero
     if data_parallel * tensor_parallel != trainer.world_size:
         raise UserError(
-            f"strategy.data_parallel_size={data_parallel} x strategy.tensor_parallel_size={tensor_parallel} must "
-            f"equal the number of processes, {trainer.world_size} (trainer.devices x trainer.num_nodes)."
+            f"The run is configured for {data_parallel * tensor_parallel} processes (trainer.devices="
+            f"{cfg.trainer.devices} x trainer.num_nodes={cfg.trainer.num_nodes}) but the launcher started "
+            f"{trainer.world_size}. Make trainer.devices equal the processes per node (torchrun --nproc-per-node, "
+            "srun --ntasks-per-node) and trainer.num_nodes the number of nodes."
         )
     # Lightning counts validation intervals in micro-batches; ours are optimizer steps.
     every = cfg.trainer.val_check_interval or cfg.trainer.max_steps + 1
@@ -202,7 +208,8 @@ def ensure_data(cfg: TrainConfig, rank_zero: bool, need_train: bool = True) -> N
     if need_train and not data.sources:
         raise UserError(
             "data.sources is empty. Give the prepared data to train on, e.g. "
-            "data.sources=[{path:/data/mine/train,weight:1.0}] (write it with `lit-open prepare`)."
+            "'data.sources=[{path:/data/mine/train,weight:1.0}]' (quoted for the shell; write the data with "
+            "`lit-open prepare`)."
         )
     block = data.seq_len + 1
     sources = open_sources(train_sources, block, "data.sources") + open_sources(

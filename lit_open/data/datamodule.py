@@ -156,7 +156,7 @@ class DataModule(L.LightningDataModule):
         if stage in ("fit", None) and self.order is None:
             self.train_sources = open_sources(self.cfg.sources, self.block_size, "data.sources")
             if not self.train_sources:
-                raise UserError("data.sources is empty: give data.sources=[{path:DIR,weight:1.0},...].")
+                raise UserError("data.sources is empty: give 'data.sources=[{path:DIR,weight:1.0},...]'.")
             self.order = DataOrder(
                 [s.samples for s in self.train_sources],
                 [s.weight for s in self.train_sources],
