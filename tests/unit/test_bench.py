@@ -1,0 +1,123 @@
+"""`python -m lit_open.bench`: the throughput JSON, its FLOP formula and peak table, and the loss-memory dispatch."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lit_open.bench import throughput
+from lit_open.bench.__main__ import build_parser, main
+from lit_open.bench.throughput import flops_per_token, non_embedding_parameters, peak_flops
+from lit_open.compose import load_train_config
+from lit_open.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lit_open.bench", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def test_throughput_on_cpu_writes_json_for_lightning_and_bare(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--model", "quickstart", "--micro-batch", "2", "--seq-len", "64", "--steps", "3", "--warmup", "1"]
+    result = bench("throughput", *args, "--device", "cpu", "--json", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "lightning" in result.stdout and "bare" in result.stdout  # the table
+
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "throughput"
+    assert report["command"].startswith("python -m lit_open.bench throughput --model quickstart")
+    assert report["date"] and report["device"]["type"] == "cpu" and report["device"]["name"]
+    assert {"torch", "lightning", "lit_open"} <= set(report["versions"])
+    config = report["config"]
+    assert (config["model"], config["micro_batch"], config["seq_len"]) == ("quickstart", 2, 64)
+    assert (config["steps"], config["warmup"], config["precision"], config["device"]) == (3, 1, "32-true", "cpu")
+    assert config["train_config"]["data"]["global_batch_size"] == 2  # one micro-batch per optimizer step
+
+    results = report["results"]
+    expected = hand_flops_per_token_quickstart(seq_len=64)
+    assert results["flops_per_token"] == expected
+    assert results["peak_flops"] is None  # a CPU: MFU n/a
+    runners = results["runners"]
+    assert runners["litgpt"]["status"] in ("ok", "skipped", "failed")
+    losses = {}
+    for name in ("lightning", "bare"):
+        r = runners[name]
+        assert r["status"] == "ok", r
+        assert r["tokens_per_s"] > 0 and r["seconds"] > 0 and r["tokens"] == 3 * 2 * 64
+        assert r["flops_per_token"] == expected
+        assert r["achieved_tflops"] == pytest.approx(expected * r["tokens_per_s"] / 1e12)
+        assert r["mfu"] is None
+        assert r["peak_memory_gib"] > 0
+        assert math.isfinite(r["loss"]) and r["loss_finite"]
+        losses[name] = r["loss"]
+    # same model, seed, data, optimizer and schedule: Lightning and the bare loop reach the same loss
+    assert losses["lightning"] == pytest.approx(losses["bare"], rel=1e-5)
+    overhead = results["lightning_overhead_pct"]
+    assert overhead == pytest.approx(100 * (runners["lightning"]["seconds"] / runners["bare"]["seconds"] - 1))
+
+
+def hand_flops_per_token_quickstart(seq_len: int) -> int:
+    """6*N + 12*L*d*T for conf/model/quickstart.yaml, counted by hand (tied embedding: counted once, as the head)."""
+    vocab, d, layers, d_ff = 1024, 256, 4, 704  # vocab 1024 is already a multiple of 128: no padding
+    per_block = 4 * d * d + 3 * d * d_ff + 2 * d  # wq wk wv wo, SwiGLU w1 w2 w3, two RMSNorm weights
+    n = layers * per_block + d + vocab * d  # + final norm + the (tied) output head
+    assert n == 3_475_712
+    return 6 * n + 12 * layers * d * seq_len
+
+
+def test_flops_formula_counts_the_head_but_not_the_input_embedding():
+    quickstart = load_train_config(["model=quickstart"]).model  # tied embeddings
+    assert non_embedding_parameters(quickstart) == 3_475_712
+    assert flops_per_token(quickstart, 64) == hand_flops_per_token_quickstart(64)
+    olmo = load_train_config(["model=olmo2_1b"]).model  # untied: the embedding is left out, the head counted
+    d, vocab = 2048, 100352
+    per_block = 4 * d * d + 3 * d * 8192 + 4 * d  # + attention/ffn norms and the full-width q/k norms
+    n = 16 * per_block + d + vocab * d
+    assert non_embedding_parameters(olmo) == n == 1_279_395_840
+    assert flops_per_token(olmo, 4096) == 6 * n + 12 * 16 * d * 4096 == 9_286_987_776
+
+
+def test_peak_table_lookup():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA A10G") == 125e12  # not taken for an A100
+    assert peak_flops("NVIDIA L40S") == 362e12 and peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops("NVIDIA H100 80GB HBM3", "fp32") == pytest.approx(66.9e12)
+    assert peak_flops("Some Future Accelerator") is None
+    assert peak_flops(None) is None
+
+
+def test_bad_runner_is_a_user_error():
+    args = build_parser("throughput").parse_args(["throughput", "--runners", "lightning,nope", "--device", "cpu"])
+    with pytest.raises(UserError, match="--runners 'lightning,nope': choose among lightning, bare, litgpt"):
+        throughput.run(args)
+
+
+def test_loss_memory_subcommand_dispatch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--vocab-size", "4096", "--tokens", "512", "--d-model", "64", "--chunk-tokens", "128", "--dtype", "float32"]
+    main(["loss-memory", *args])
+    report = json.loads((tmp_path / "bench-loss-memory.json").read_text())  # the default --json path
+    assert report["benchmark"] == "loss-memory" and report["device"]["type"] == "cpu"
+    assert report["command"] == "python -m lit_open.bench loss-memory " + " ".join(args)
+    assert report["config"]["vocab_size"] == 4096
+    naive, chunked = report["results"]["naive"], report["results"]["chunked"]
+    assert naive["loss"] == pytest.approx(chunked["loss"], rel=1e-5)
+    assert "memory_ratio" in report["results"]
