@@ -133,6 +133,8 @@ def _quiet_lightning() -> None:
     if os.environ.get("LIT_OPEN_DEBUG") != "1":
         for name in ("lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # torchao (float8, imported by Lightning's fit) registers an Enum with torch's pytree, which warns about it
+        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def _quiet_warnings() -> None:

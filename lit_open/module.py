@@ -76,8 +76,8 @@ class LitLM(L.LightningModule):
     def configure_model(self) -> None:
         """Build on the meta device, parallelize (lit_open.parallel), then allocate and initialise each shard.
 
-        Under fsdp/tp/fsdp_tp Lightning's ModelParallelStrategy provides the device mesh and the model is
-        materialised on this process's device; otherwise on the CPU, and Lightning moves it.
+        Under fsdp/tp/fsdp_tp Lightning's ModelParallelStrategy provides the device mesh. Either way the model is
+        materialised directly on this process's device (the initial values are drawn there), never whole on the CPU.
         """
         if self.model is not None:
             return
@@ -92,8 +92,7 @@ class LitLM(L.LightningModule):
         if mesh is not None:
             check_tensor_parallel(model_config, mesh["tensor_parallel"].size(), self.config.data.seq_len)
         parallelize(model, self.config.strategy, mesh)
-        device = self.trainer.strategy.root_device if mesh is not None else torch.device("cpu")
-        self.model = materialize(model, device, self.config.run.seed)
+        self.model = materialize(model, self.trainer.strategy.root_device, self.config.run.seed)
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, doc_ids)

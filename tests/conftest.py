@@ -39,17 +39,25 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_overrides(data: Path, run_dir: Path, **extra: object) -> list[str]:
-    """Overrides for a 2-layer model on `tiny_data` that trains a step in well under a second."""
+TINY_MODEL = {
+    "model.n_layer": 2,
+    "model.d_model": 64,
+    "model.n_head": 4,
+    "model.n_kv_head": 2,
+    "model.d_ff": 128,
+    "model.vocab_size": 512,
+    "model.max_seq_len": 64,
+}
+
+
+def tiny_overrides(data: Path, run_dir: Path, model: str = "tiny", **extra: object) -> list[str]:
+    """Overrides for a run on `tiny_data` that trains a step in well under a second.
+
+    model="tiny": a 2-layer model; otherwise a preset name (e.g. "quickstart", trained on the CPU).
+    """
     overrides = {
         "run.dir": str(run_dir),
-        "model.n_layer": 2,
-        "model.d_model": 64,
-        "model.n_head": 4,
-        "model.n_kv_head": 2,
-        "model.d_ff": 128,
-        "model.vocab_size": 512,
-        "model.max_seq_len": 64,
+        **(TINY_MODEL if model == "tiny" else {"model": model, "trainer.accelerator": "cpu"}),
         "data.sources": f"[{{path:{data}/train}}]",
         "data.val_sources": f"[{{path:{data}/val}}]",
         "data.tokenizer": str(data / "tokenizer.json"),

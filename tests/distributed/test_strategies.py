@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import read_metrics, run_cli, train_losses
+from conftest import read_metrics, run_cli, tiny_overrides, train_losses
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
@@ -22,28 +22,8 @@ STEPS = 5
 
 def quickstart_overrides(data: Path, run_dir: Path, **extra: object) -> list[str]:
     """The quickstart model on the small test corpus: 5 steps of 8 x 32 tokens, checkpoints at steps 3 and 5."""
-    overrides = {
-        "model": "quickstart",
-        "run.dir": str(run_dir),
-        "data.sources": f"[{{path:{data}/train}}]",
-        "data.val_sources": f"[{{path:{data}/val}}]",
-        "data.val_samples": 16,
-        "data.tokenizer": str(data / "tokenizer.json"),
-        "data.prepare": "null",
-        "data.seq_len": 32,
-        "data.micro_batch_size": 4,
-        "data.global_batch_size": 8,
-        "data.num_workers": 0,
-        "trainer.accelerator": "cpu",
-        "trainer.max_steps": STEPS,
-        "trainer.val_check_interval": 0,
-        "checkpoint.every_n_steps": 3,
-        "checkpoint.keep_last": 0,
-        "schedule.warmup_steps": 2,
-        "optim.lr": 1e-2,
-    }
-    overrides.update(extra)
-    return ["train", *[f"{k}={v}" for k, v in overrides.items()]]
+    settings = {"trainer.max_steps": STEPS, "trainer.val_check_interval": 0, "checkpoint.keep_last": 0, **extra}
+    return ["train", *tiny_overrides(data, run_dir, model="quickstart", **settings)]
 
 
 def train(data: Path, run_dir: Path, **extra: object) -> dict[int, float]:
