@@ -1,0 +1,114 @@
+"""skip_step: skip an optimizer update whose loss or gradient norm is an outlier against the recent steps.
+
+What: before each optimizer step, the step's loss and gradient norm (before clipping; both already agreed across
+ranks) are compared with the last `window` accepted steps: the update is skipped when either exceeds its mean by
+more than `sigma` standard deviations, or is not finite. A skipped update leaves the weights, the optimizer's
+moments, the LR schedule and the step counter untouched (the batch is consumed; the next batch is asked for the
+same step) and is recorded in events.jsonl as a `skip` event with the values and thresholds.
+
+Why: a single bad batch or a numerical blow-up can throw AdamW's moments off for thousands of steps; dropping that
+one update costs a batch. The detector follows OLMo-core's SkipStepOptimizer (window 128, 6 sigma, upward only,
+no decision before half a window of history) with one difference: skipped values do not enter the history, so a
+burst of spikes does not widen the band that lets the next one through.
+
+Options (`plugins.skip_step.<option>`):
+- window (int, default 128): accepted steps the mean and standard deviation are taken over.
+- sigma (float, default 6.0): how many standard deviations above the mean make an outlier.
+- min_history (int, default 0 = window // 2): accepted steps needed before anything is skipped (non-finite values
+  are skipped from the first step).
+- watch (list, default [loss, grad_norm]): which of the step's metrics are tested.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lit_open.errors import UserError
+from lit_open.plugin import Plugin
+
+WATCHABLE = ("loss", "grad_norm")
+
+
+class SkipStep(Plugin):
+    """Skips optimizer updates whose loss or grad norm exceeds mean + sigma * std of the recent accepted steps."""
+
+    name = "skip_step"
+
+    @dataclass
+    class Config:
+        window: int = 128
+        sigma: float = 6.0
+        min_history: int = 0
+        watch: list[str] = field(default_factory=lambda: list(WATCHABLE))
+
+        def __post_init__(self) -> None:
+            if self.window < 2:
+                raise UserError(f"plugins.skip_step.window={self.window} must be at least 2 steps.")
+            if not self.sigma > 0:
+                raise UserError(f"plugins.skip_step.sigma={self.sigma} must be positive (OLMo-core uses 6).")
+            if not 0 <= self.min_history <= self.window:
+                raise UserError(
+                    f"plugins.skip_step.min_history={self.min_history} must be between 0 (window // 2) and "
+                    f"plugins.skip_step.window={self.window}."
+                )
+            unknown = sorted(set(self.watch) - set(WATCHABLE)) or (not self.watch and ["(nothing)"])
+            if unknown:
+                raise UserError(
+                    f"plugins.skip_step.watch has {', '.join(unknown)}; watch one or both of: {', '.join(WATCHABLE)}."
+                )
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.history: dict[str, deque[float]] = {k: deque(maxlen=self.cfg.window) for k in self.cfg.watch}
+        self.skipped: list[int] = []  # data steps whose update was skipped, over the whole run
+        self._trainer = self._module = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer, self._module = trainer, pl_module
+
+    def skip_step(self, metrics: dict[str, float]) -> bool:
+        needed = self.cfg.min_history or self.cfg.window // 2
+        reasons = {}
+        for key, values in self.history.items():
+            value = metrics[key]
+            if not math.isfinite(value):
+                reasons[key] = {"value": value, "why": "not finite"}
+            elif len(values) >= needed:
+                mean, std = _mean_std(values)
+                threshold = mean + self.cfg.sigma * std
+                if value > threshold:
+                    reasons[key] = {"value": value, "mean": mean, "std": std, "threshold": threshold}
+        if reasons:
+            self.skipped.append(metrics["data_step"])
+            if self._trainer is not None:
+                self.log_event(
+                    self._trainer,
+                    self._module,
+                    "skip",
+                    data_step=metrics["data_step"],
+                    update=metrics["step"],
+                    outliers=reasons,
+                )
+            return True
+        for key, values in self.history.items():
+            values.append(float(metrics[key]))
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {k: list(v) for k, v in self.history.items()}, "skipped": list(self.skipped)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, values in state["history"].items():
+            if key in self.history:
+                self.history[key].extend(values)
+        self.skipped = list(state["skipped"])
+
+
+def _mean_std(values: deque[float]) -> tuple[float, float]:
+    std, mean = torch.std_mean(torch.tensor(list(values), dtype=torch.float64))  # unbiased, as OLMo-core
+    return float(mean), float(std)
