@@ -123,6 +123,17 @@ def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _check_shards(path: Path) -> None:
+    """Every shard file that the distributed checkpoint's index names must be there, and long enough."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(path)).read_metadata()
+    for info in metadata.storage_data.values():
+        shard = path / info.relative_path
+        if not shard.is_file() or shard.stat().st_size < info.offset + info.length:
+            raise ValueError(f"its shard {info.relative_path} is missing or truncated")
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint's metadata (not its tensors' data) or raise a UserError that says what to do.
 
@@ -130,6 +141,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     everything but the model and optimizer tensors in its `meta.pt`.
     """
     try:
+        if path.is_dir():
+            _check_shards(path)
         file = path / SHARDED_METADATA if path.is_dir() else path
         checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
         if not isinstance(checkpoint, dict) or "global_step" not in checkpoint or "lit_open" not in checkpoint:

@@ -104,3 +104,27 @@ def test_unreadable_checkpoints_are_user_errors_that_offer_the_older_ones(tmp_pa
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(UserError, match="not a lit-open training checkpoint"):
         read_checkpoint(foreign)
+
+
+def test_a_sharded_checkpoint_with_a_truncated_or_missing_shard_is_refused(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    directory = tmp_path / "checkpoints"
+    older = directory / "step-00000002.ckpt"
+    torch.save({"global_step": 2, "lit_open": {}}, _mkdir_parent(older))
+    sharded = directory / "step-00000004.ckpt"
+    dcp.save({"state_dict": {"w": torch.arange(10_000.0)}}, checkpoint_id=str(sharded))
+    torch.save({"global_step": 4, "lit_open": {}}, sharded / "meta.pt")
+    assert read_checkpoint(sharded)["global_step"] == 4
+    shard = next(sharded.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(UserError, match=f"shard {shard.name} is missing or truncated.*resume={older}"):
+        read_checkpoint(sharded)
+    shard.unlink()
+    with pytest.raises(UserError, match="missing or truncated"):
+        read_checkpoint(sharded)
+
+
+def _mkdir_parent(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
