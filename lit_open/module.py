@@ -159,6 +159,8 @@ class LitLM(L.LightningModule):
         }
         self._batches_since_row = 0
         row.update({f"train/{k}": float(v) for k, v in means.items() if k != "loss"})
+        for plugin in self.plugins:
+            row.update(plugin.step_metrics(self.trainer, self))
         self._log_row(row)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

@@ -63,6 +63,14 @@ class Plugin(Callback):
         """
         return False
 
+    def step_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """Extra columns for the metrics row of the optimizer step just applied (not called for skipped ones).
+
+        Called on every rank right after the update and the LR schedule's step, so it may run collectives; the
+        values of global rank 0 are logged, in the same row as train/loss.
+        """
+        return {}
+
     def log_event(self, trainer: Trainer, pl_module: LightningModule, event: str, **fields: Any) -> None:
         """Record what the plugin did in events.jsonl (written by global rank 0)."""
         pl_module.events.write(trainer.global_step, event, plugin=self.name, **fields)
