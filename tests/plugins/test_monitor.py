@@ -272,28 +272,16 @@ def test_parameter_groups():
 
 def cli_overrides(data: Path, run_dir: Path, **extra: object) -> list[str]:
     """The quickstart model on the tiny corpus for 4 steps of 8 x 32 tokens, monitored at steps 2 and 4."""
-    overrides = {
-        "model": "quickstart",
-        "run.dir": str(run_dir),
-        "data.sources": f"[{{path:{data}/train}}]",
+    settings = {
         "data.val_sources": "[]",
-        "data.tokenizer": str(data / "tokenizer.json"),
-        "data.prepare": "null",
-        "data.seq_len": 32,
-        "data.micro_batch_size": 4,
-        "data.global_batch_size": 8,
-        "data.num_workers": 0,
-        "trainer.accelerator": "cpu",
         "trainer.max_steps": 4,
         "trainer.val_check_interval": 0,
         "checkpoint.every_n_steps": 100,
-        "schedule.warmup_steps": 2,
-        "optim.lr": 1e-2,
         "plugins": "[monitor]",
         "plugins.monitor.every_n_steps": 2,
+        **extra,
     }
-    overrides.update(extra)
-    return ["train", *[f"{k}={v}" for k, v in overrides.items()]]
+    return ["train", *tiny_overrides(data, run_dir, model="quickstart", **settings)]
 
 
 @pytest.fixture(scope="module")
