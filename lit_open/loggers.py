@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from lit_open.config import LoggerConfig
 
@@ -43,6 +44,7 @@ class ResumingCSVLogger(CSVLogger):
         self.keep_through = keep_through
 
     @property
+    @rank_zero_experiment  # as Lightning's own: other ranks get a no-op, never touch (or truncate) the file
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
