@@ -16,7 +16,7 @@ from lit_open.data.datamodule import DataModule
 from lit_open.errors import UserError
 from lit_open.module import CHECKPOINT_KEY, LitLM
 from lit_open.plugin import build_plugins
-from lit_open.train import build_strategy, console, ensure_data
+from lit_open.train import build_strategy, console, ensure_data, release_process_group
 
 
 def evaluate(checkpoint: str | Path, overrides: list[str]) -> dict[str, Any]:
@@ -50,7 +50,10 @@ def evaluate(checkpoint: str | Path, overrides: list[str]) -> dict[str, Any]:
         enable_progress_bar=False,
         use_distributed_sampler=False,
     )
-    trainer.validate(module, datamodule=DataModule(cfg.data, cfg.run.seed), ckpt_path=path, verbose=False)
+    try:
+        trainer.validate(module, datamodule=DataModule(cfg.data, cfg.run.seed), ckpt_path=path, verbose=False)
+    finally:
+        release_process_group()
     loss = module.last_metrics["val/loss"]
     result = {
         "checkpoint": str(path),

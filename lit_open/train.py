@@ -113,16 +113,30 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         )
 
     has_val = bool(cfg.data.val_sources)
-    if has_val and resume_path is None and cfg.trainer.validate_at_start:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
-    val_history = module.history["val/loss"]
-    if has_val and (not val_history or val_history[-1][0] != trainer.global_step):
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+    try:
+        if has_val and resume_path is None and cfg.trainer.validate_at_start:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+        val_history = module.history["val/loss"]
+        if has_val and (not val_history or val_history[-1][0] != trainer.global_step):
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+    finally:
+        release_process_group()
     summary = summarize(cfg, module, trainer, run_dir, resume_step)
     if trainer.is_global_zero:
         print_summary(summary)
     return summary
+
+
+def release_process_group() -> None:
+    """Destroy torch.distributed's process group once the work is done.
+
+    Lightning leaves it alive; its communication threads still running at interpreter exit can abort the process
+    ("terminate called without an active exception") after a run that succeeded, and an in-process caller could
+    not start another distributed run.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def processes_per_node(trainer: TrainerConfig) -> int:
