@@ -49,6 +49,7 @@ def evaluate(checkpoint: str | Path, overrides: list[str]) -> dict[str, Any]:
         enable_model_summary=False,
         enable_progress_bar=False,
         use_distributed_sampler=False,
+        callbacks=module.plugins,  # their saved state may be part of the computation (qk_norm's blend factor)
     )
     try:
         trainer.validate(module, datamodule=DataModule(cfg.data, cfg.run.seed), ckpt_path=path, verbose=False)

@@ -9,27 +9,29 @@ place in the code: plugins (skip, rollback, z-loss, ...) hook into it through `l
 from __future__ import annotations
 
 import math
-import random
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from lit_open.config import TrainConfig
+from lit_open.errors import UserError
 from lit_open.events import EventLog
 from lit_open.loss import LossOutput, lm_loss
 from lit_open.model import Transformer
-from lit_open.optim import build_optimizer, build_scheduler
+from lit_open.optim import build_optimizer, build_scheduler, param_groups
 from lit_open.parallel import after_optimizer_step, check_tensor_parallel, materialize, parallelize
-from lit_open.plugin import Plugin, StepOutputs
+from lit_open.plugin import Plugin, Rollback, RolledBack, StepOutputs
+from lit_open.state import SnapshotRing, restore_snapshot, rng_state, set_rng_state, take_snapshot
 
 CHECKPOINT_KEY = "lit_open"
+NEVER = sys.maxsize  # a batch interval Lightning never reaches
 
 
 def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
@@ -42,17 +44,6 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return norm
 
 
-def _numpy_state_to_plain(state: tuple) -> tuple:
-    # plain Python types, so that checkpoints load with torch.load(weights_only=True)
-    name, keys, pos, has_gauss, cached = state
-    return name, keys.tolist(), pos, has_gauss, cached
-
-
-def _numpy_state_from_plain(state: tuple) -> tuple:
-    name, keys, pos, has_gauss, cached = state
-    return name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached
-
-
 class LitLM(L.LightningModule):
     def __init__(self, config: TrainConfig, plugins: list[Plugin] = (), run_dir: str | Path | None = None) -> None:
         super().__init__()
@@ -63,6 +54,8 @@ class LitLM(L.LightningModule):
         self.events = EventLog(Path(run_dir) / "events.jsonl" if run_dir is not None else None)
         self.consumed_batches = 0  # global batches consumed: the position in the data order
         self.skipped_updates = 0
+        self.rollbacks = 0
+        self.snapshots: SnapshotRing | None = None  # kept when a plugin may ask for rollbacks
         self._batches_since_row = 0
         self.tokens_per_batch = config.data.global_batch_size * config.data.seq_len
         self.val_loss = MeanMetric()
@@ -71,6 +64,7 @@ class LitLM(L.LightningModule):
         self.train_seconds = 0.0
         self._step_sums: dict[str, torch.Tensor] = {}
         self._step_clock: float | None = None
+        self._validate_now = False
 
     # -- model ---------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -102,7 +96,23 @@ class LitLM(L.LightningModule):
         return lm_loss(hidden, self.model.output, batch["targets"], self.config.strategy.loss_chunk_tokens)
 
     # -- training ------------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        policies = [p.snapshot_policy() for p in self.plugins]
+        policies = [p for p in policies if p is not None]
+        if policies:
+            self.snapshots = SnapshotRing(min(p.every for p in policies), max(p.horizon for p in policies))
+            self._take_snapshot()  # the state training starts (or resumes) from
+            self.events.write(
+                self.global_step,
+                "snapshots",
+                every=self.snapshots.every,
+                horizon=self.snapshots.horizon,
+                bytes_per_snapshot=self.snapshots.snapshots[0].nbytes(),  # this process's share, in CPU memory
+            )
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if batch["data_step"] < self.consumed_batches:
+            return  # read ahead before a rollback moved the data position past it: skipped, not trained
         if self._step_clock is None:  # the first step, or the first after a validation (not training time)
             self._step_clock = time.perf_counter()
         out = self.compute_loss(batch)
@@ -124,19 +134,33 @@ class LitLM(L.LightningModule):
         grad_norm = clip_gradients(params, self.config.optim.grad_clip)
         means = {k: self.trainer.strategy.reduce(v, reduce_op="mean") for k, v in self._step_sums.items()}
         self._step_sums = {}
+        step = self.global_step + 1  # the update this would be; a skipped update is asked again next batch
+        scheduled_lrs = [group["lr"] for group in optimizer.param_groups]
+        multiplier = math.prod(plugin.lr_multiplier(step, data_step) for plugin in self.plugins)
+        for group, lr in zip(optimizer.param_groups, scheduled_lrs):
+            group["lr"] = lr * multiplier
         lr = optimizer.param_groups[0]["lr"]
         metrics = {
-            "step": self.global_step + 1,  # the update this would be; a skipped update is asked again next batch
+            "step": step,
             "data_step": data_step,  # the global batch it was computed on
             "loss": float(means["loss"]),
             "grad_norm": float(grad_norm),
             "lr": lr,
         }
         decisions = [plugin.skip_step(metrics) for plugin in self.plugins]  # ask all: each keeps its statistics
+        requests = [plugin.rollback(metrics) for plugin in self.plugins]
+        rollback = self._agreed_rollback(next((r for r in requests if r is not None), None))
         skip = self.trainer.strategy.reduce_boolean_decision(any(decisions), all=False)  # all ranks skip if one does
-        if not skip:
+        if rollback is not None:
+            optimizer.zero_grad(set_to_none=True)
+            self._rollback(rollback, data_step)
+            return
+        if skip:
+            for group, scheduled in zip(optimizer.param_groups, scheduled_lrs):
+                group["lr"] = scheduled
+        else:
             optimizer.step()
-            scheduler.step()
+            scheduler.step()  # sets the next update's scheduled LR (undoing any multiplier)
             after_optimizer_step(self.model, self.config.strategy)
         optimizer.zero_grad(set_to_none=True)
         self.consumed_batches = data_step + 1
@@ -144,6 +168,10 @@ class LitLM(L.LightningModule):
         if skip:  # no row: metrics.csv has one row per optimizer step; the plugin records why in events.jsonl
             self.skipped_updates += 1
             return
+        if self.snapshots is not None and self.snapshots.due(self.global_step):
+            self._take_snapshot()
+        every = self.config.trainer.val_check_interval
+        self._validate_now = bool(every) and self.global_step % every == 0
 
         now = time.perf_counter()
         seconds = now - self._step_clock
@@ -162,6 +190,74 @@ class LitLM(L.LightningModule):
         for plugin in self.plugins:
             row.update(plugin.step_metrics(self.trainer, self))
         self._log_row(row)
+
+    # -- rollback ------------------------------------------------------------------------------------------
+    def _take_snapshot(self) -> None:
+        optimizer = self.optimizers().optimizer
+        self.snapshots.add(
+            take_snapshot(self.model, optimizer, self.lr_schedulers(), self.global_step, self.consumed_batches)
+        )
+
+    def _agreed_rollback(self, request: Rollback | None) -> Rollback | None:
+        """Global rank 0's request when any rank has one, on every rank; None when no rank asks."""
+        if not self.trainer.strategy.reduce_boolean_decision(request is not None, all=False):
+            return None
+        return self.trainer.strategy.broadcast(request, src=0)
+
+    def _rollback(self, request: Rollback, data_step: int) -> None:
+        """Restore the newest snapshot at or before `request.to_step` and go on at `request.resume_data_step`."""
+        if self.snapshots is None:
+            raise UserError(
+                f"A plugin asked for a rollback ({request.reason}) but no plugin declared a snapshot_policy, so no "
+                "state to roll back to was kept. Plugins that call for rollbacks must declare one."
+            )
+        snapshot = self.snapshots.newest_at_or_before(request.to_step)
+        from_step = self.global_step
+        restore_snapshot(snapshot, self.model, self.optimizers().optimizer, self.lr_schedulers())
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        for tracker in (progress.total, progress.current):  # the step counter goes back with the state
+            tracker.ready = tracker.completed = snapshot.step
+        self.snapshots.drop_after(snapshot.step)
+        for history in self.history.values():
+            history[:] = [(step, value) for step, value in history if step <= snapshot.step]
+        resume = max(request.resume_data_step, data_step + 1)  # data only moves forward
+        self.consumed_batches = resume
+        self.trainer.datamodule.skip_to(resume)
+        self.rollbacks += 1
+        self._batches_since_row += 1
+        rolled_back = RolledBack(
+            request=request,
+            from_step=from_step,
+            to_step=snapshot.step,
+            undone=(snapshot.consumed_batches, data_step + 1),
+            skipped=(data_step + 1, resume),
+        )
+        self.events.write(
+            snapshot.step,
+            "rollback",
+            reason=request.reason,
+            requested_by=request.requested_by,
+            from_step=from_step,
+            to_step=snapshot.step,
+            undone_data_steps=list(rolled_back.undone),
+            skipped_data_steps=list(rolled_back.skipped),
+            escalate=list(request.escalate),
+            rollbacks=self.rollbacks,
+        )
+        for callback in self.trainer.callbacks:  # the checkpoint writer, the data-sequence log and the plugins
+            if callable(getattr(callback, "on_rollback", None)):
+                callback.on_rollback(self.trainer, self, rolled_back)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Validate right after every `trainer.val_check_interval`-th applied update.
+
+        Lightning schedules validation by counting batches, but after a skipped update or a rollback a number of
+        batches no longer maps to a number of optimizer steps: mark this very batch as Lightning's check point
+        when validation is due (a validation between micro-batches would also drop the gradients accumulated so
+        far, through Lightning's zero_grad before validating).
+        """
+        due, self._validate_now = self._validate_now, False
+        self.trainer.val_check_batch = self.trainer.fit_loop.epoch_loop.total_batch_idx + 1 if due else NEVER
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.compute_loss(batch)
@@ -199,21 +295,41 @@ class LitLM(L.LightningModule):
             "config": asdict(self.config),
             "consumed_batches": self.consumed_batches,
             "skipped_updates": self.skipped_updates,
-            "rng": {
-                "python": random.getstate(),
-                "numpy": _numpy_state_to_plain(np.random.get_state()),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
+            "rollbacks": self.rollbacks,
+            "rng": rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._admit_new_parameters(checkpoint)
         state = checkpoint[CHECKPOINT_KEY]
         self.consumed_batches = state["consumed_batches"]
         self.skipped_updates = state["skipped_updates"]
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(_numpy_state_from_plain(rng["numpy"]))
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.rollbacks = state.get("rollbacks", 0)  # checkpoints from before rollbacks existed have none
+        set_rng_state(state["rng"])
+
+    def _admit_new_parameters(self, checkpoint: dict[str, Any]) -> None:
+        """Let a checkpoint from before a plugin added parameters (e.g. qk_norm's gains) load into this model.
+
+        The new parameters keep their fresh values; the saved optimizer state, indexed by position within the
+        parameter groups, is re-indexed around them (they start with no state, as new parameters do).
+        """
+        new = {name for plugin in self.plugins for name in plugin.new_parameters()}
+        saved = checkpoint.get("state_dict")
+        missing = {name for name in new if saved is not None and f"model.{name}" not in saved}
+        if not missing:
+            return
+        if not checkpoint.get("optimizer_states"):
+            raise UserError("The checkpoint lacks optimizer state: it cannot be resumed.")
+        live = self.model.state_dict()
+        for name in sorted(missing):
+            saved[f"model.{name}"] = live[name].detach().clone()
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        groups = [[names[id(p)] for p in group["params"]] for group in param_groups(self.model, self.config.optim)]
+        old_index = {name: i for i, name in enumerate(n for group in groups for n in group if n not in missing)}
+        new_index = {name: i for i, name in enumerate(n for group in groups for n in group)}
+        old_to_new = {old_index[name]: new_index[name] for name in old_index}
+        for optimizer_state in checkpoint["optimizer_states"]:
+            optimizer_state["state"] = {old_to_new[i]: v for i, v in optimizer_state["state"].items()}
+            for saved_group, group in zip(optimizer_state["param_groups"], groups):
+                saved_group["params"] = [new_index[name] for name in group]
+        self.events.write(checkpoint.get("global_step", 0), "new_parameters", names=sorted(missing))

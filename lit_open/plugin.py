@@ -31,6 +31,36 @@ class StepOutputs:
     batch: dict[str, Any]  # input_ids, targets, data_step, micro, ...
 
 
+@dataclass
+class SnapshotPolicy:
+    """How often LitLM keeps an in-memory snapshot of the training state, and how far back one must reach."""
+
+    every: int  # optimizer steps between snapshots (one is also taken when training starts or resumes)
+    horizon: int  # a rollback may target any step up to this many steps before the current one
+
+
+@dataclass
+class Rollback:
+    """A plugin's request (from `Plugin.rollback`) to return to an earlier state and go on with later data."""
+
+    to_step: int  # restore the newest snapshot taken at or before this optimizer step
+    resume_data_step: int  # the next global batch trained on; untrained ones before it are skipped for good
+    reason: str  # one line, for the log and events.jsonl
+    escalate: tuple[str, ...] = ()  # features other plugins should switch on from now on (e.g. "qk_norm")
+    requested_by: str = ""  # the requesting plugin's name
+
+
+@dataclass
+class RolledBack:
+    """What a rollback did, as passed to `on_rollback`."""
+
+    request: Rollback
+    from_step: int  # optimizer steps applied before the rollback
+    to_step: int  # optimizer steps applied after it: the restored snapshot's
+    undone: tuple[int, int]  # data steps [first, end) whose updates were undone (trained, then rolled back)
+    skipped: tuple[int, int]  # data steps [first, end) jumped over: never trained
+
+
 class Plugin(Callback):
     """Base class of lit-open plugins. Override only the hooks you need; all of them default to no-ops."""
 
@@ -51,6 +81,14 @@ class Plugin(Callback):
     def on_model_built(self, model: Transformer) -> None:
         """Called after the model is built, before it is parallelized or handed to the optimizer."""
 
+    def new_parameters(self) -> list[str]:
+        """Names (as in `model.named_parameters()`) of parameters this plugin added to the architecture.
+
+        A checkpoint written before the plugin was used lacks them; resuming it keeps their fresh values (and gives
+        them fresh optimizer state) instead of failing on the missing keys.
+        """
+        return []
+
     def loss_terms(self, outputs: StepOutputs) -> dict[str, torch.Tensor]:
         """Extra scalar terms added to the loss of a micro-batch; each is logged as `train/<name>`."""
         return {}
@@ -62,6 +100,32 @@ class Plugin(Callback):
         data_step (the global batch the gradients come from), loss, grad_norm (before clipping), lr.
         """
         return False
+
+    def lr_multiplier(self, step: int, data_step: int) -> float:
+        """A factor on the scheduled LR of update `step` (computed on global batch `data_step`); 1.0 leaves it.
+
+        The factors of all plugins multiply; the LR logged for the step is the one applied. The schedule itself is
+        untouched: the next update gets its scheduled LR unless a plugin scales that one too.
+        """
+        return 1.0
+
+    def rollback(self, metrics: dict[str, float]) -> Rollback | None:
+        """Asked before each optimizer step, with the same metrics as `skip_step`: a `Rollback` to undo updates.
+
+        The request of global rank 0 is the one carried out, on every rank (if any rank asks, rank 0's answer is
+        broadcast; all ranks see the same reduced metrics, so they normally agree). The step being asked about is
+        not applied. LitLM then restores the snapshot, moves the data position forward to `resume_data_step`,
+        moves checkpoints written after the restored step to `checkpoints/rolled-back/`, writes a `rollback`
+        event and calls `on_rollback` on every callback. A plugin that may ask must declare a `snapshot_policy`.
+        """
+        return None
+
+    def snapshot_policy(self) -> SnapshotPolicy | None:
+        """The in-memory snapshots this plugin's rollbacks need; the trainer keeps the union of all policies."""
+        return None
+
+    def on_rollback(self, trainer: Trainer, pl_module: LightningModule, rolled_back: RolledBack) -> None:
+        """Called on every rank after a rollback has restored the state (also for other plugins' requests)."""
 
     def step_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         """Extra columns for the metrics row of the optimizer step just applied (not called for skipped ones).

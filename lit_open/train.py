@@ -25,7 +25,7 @@ from lit_open.data.sequence import DataSequenceLog
 from lit_open.errors import UserError
 from lit_open.loggers import build_loggers
 from lit_open.model import Transformer, num_parameters
-from lit_open.module import CHECKPOINT_KEY, LitLM
+from lit_open.module import CHECKPOINT_KEY, NEVER, LitLM
 from lit_open.parallel import check_tensor_parallel
 from lit_open.plugin import build_plugins
 from lit_open.progress import StepProgress
@@ -94,9 +94,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             f"{trainer.world_size}. Make trainer.devices equal the processes per node (torchrun --nproc-per-node, "
             "srun --ntasks-per-node) and trainer.num_nodes the number of nodes."
         )
-    # Lightning counts validation intervals in micro-batches; ours are optimizer steps.
-    every = cfg.trainer.val_check_interval or cfg.trainer.max_steps + 1
-    trainer.val_check_interval = every * n_micro
+    # Lightning counts validation intervals in batches; ours are optimizer steps: LitLM decides batch by batch
+    trainer.val_check_interval = NEVER
     if trainer.is_global_zero:
         print_header(cfg, trainer, n_micro, resume_path, resume_step)
     if resume_path is not None:

@@ -113,8 +113,6 @@ class Chaos(Plugin):
         super().__init__(**options)
         self._start_step = 0  # the optimizer step this session started (or resumed) from
         self._done: set[tuple[str, int]] = set()  # (kind, step) injected once already, read at the start
-        self._saved_lrs: list[float] | None = None  # the schedule's LRs while a spike's multiplier is applied
-        self._step_before = 0  # trainer.global_step when the multiplied update started
         self._nan_hook = None
 
     # -- checks and state ----------------------------------------------------------------------------------
@@ -157,9 +155,10 @@ class Chaos(Plugin):
 
     # -- spike and nan: before the forward pass of a data step's micro-batches ----------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        data_step, micro, n_micro = batch["data_step"], batch["micro"], batch["n_micro"]
+        data_step, micro = batch["data_step"], batch["micro"]
+        if data_step < pl_module.consumed_batches:
+            return  # read ahead before a rollback skipped it: it is not trained
         if data_step in self.cfg.spike_steps:
-            multiply = self.cfg.spike_lr_multiplier != 1.0
             if micro == 0:
                 self.log_event(
                     trainer,
@@ -173,12 +172,6 @@ class Chaos(Plugin):
                 )
             if self.cfg.spike_tokens:
                 self._randomize(trainer, pl_module, batch)
-            if multiply and micro + 1 == n_micro:  # the optimizer steps at the end of the last micro-batch
-                groups = trainer.optimizers[0].param_groups
-                self._saved_lrs = [g["lr"] for g in groups]
-                self._step_before = trainer.global_step
-                for g in groups:
-                    g["lr"] = g["lr"] * self.cfg.spike_lr_multiplier
         if data_step in self.cfg.nan_steps:
             if micro == 0:
                 self.log_event(
@@ -200,18 +193,14 @@ class Chaos(Plugin):
         ids.copy_(tokens[:, :-1])  # in place: the tensors training_step receives (doc_ids are left as they are)
         targets.copy_(torch.where(targets == IGNORE_INDEX, targets, new_targets))
 
-    # -- after each micro-batch: undo the multiplier, then corrupt and crash ------------------------------
+    def lr_multiplier(self, step: int, data_step: int) -> float:
+        return self.cfg.spike_lr_multiplier if data_step in self.cfg.spike_steps else 1.0
+
+    # -- after each micro-batch: corrupt and crash -------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._nan_hook is not None:
             self._nan_hook.remove()
             self._nan_hook = None
-        if self._saved_lrs is not None:
-            # an applied update was followed by scheduler.step(), which set the next update's LR from the schedule;
-            # a skipped one (skip_step) left the multiplied LR in place: put the schedule's back
-            if trainer.global_step == self._step_before:
-                for g, lr in zip(trainer.optimizers[0].param_groups, self._saved_lrs):
-                    g["lr"] = lr
-            self._saved_lrs = None
         if batch["micro"] + 1 == batch["n_micro"]:
             self._after_update(trainer, pl_module, at_end=False)
 

@@ -20,6 +20,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lit_open.errors import UserError
 
 POINTER = "latest"
+ROLLED_BACK = "rolled-back"  # where checkpoints written after the state a rollback restored are moved
 SHARDED_METADATA = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
 _NAME = re.compile(r"^step-(\d{8})\.ckpt$")
 
@@ -33,6 +34,10 @@ def list_checkpoints(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
+
+
+def _step_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
 
 
 def _fsync_tree(path: Path) -> None:
@@ -84,9 +89,7 @@ class CheckpointWriter(Callback):
             _fsync_tree(tmp)
             _remove(final)  # a resumed run that re-reaches a step replaces that step's checkpoint
             os.replace(tmp, final)
-            pointer_tmp = self.directory / f".tmp-{POINTER}"
-            pointer_tmp.write_text(final.name + "\n")
-            os.replace(pointer_tmp, self.directory / POINTER)
+            self._point_to(final)
             for logger in trainer.loggers:  # so the logged history is on disk up to every checkpoint
                 logger.save()
             pl_module.events.write(step, "checkpoint", path=str(final))
@@ -94,6 +97,35 @@ class CheckpointWriter(Callback):
         trainer.strategy.barrier("lit_open_checkpoint_done")
         self._last_saved = step
         return final
+
+    def _point_to(self, checkpoint: Path) -> None:
+        pointer_tmp = self.directory / f".tmp-{POINTER}"
+        pointer_tmp.write_text(checkpoint.name + "\n")
+        os.replace(pointer_tmp, self.directory / POINTER)
+
+    def on_rollback(self, trainer: Trainer, pl_module: LightningModule, rolled_back: Any) -> None:
+        """Move checkpoints newer than the restored step to `rolled-back/`: `resume=auto` must not pick them."""
+        if trainer.is_global_zero:
+            newer = [p for p in list_checkpoints(self.directory) if _step_of(p) > rolled_back.to_step]
+            if newer:
+                aside = self.directory / ROLLED_BACK
+                aside.mkdir(exist_ok=True)
+                for path in newer:
+                    _remove(aside / path.name)
+                    os.replace(path, aside / path.name)
+                kept = list_checkpoints(self.directory)
+                if kept:
+                    self._point_to(kept[-1])
+                else:
+                    (self.directory / POINTER).unlink(missing_ok=True)
+                pl_module.events.write(
+                    rolled_back.to_step, "checkpoints_moved", to=str(aside), paths=[p.name for p in newer]
+                )
+        trainer.strategy.barrier("lit_open_rollback_checkpoints")
+        if (self.directory / checkpoint_name(rolled_back.to_step)).exists():
+            self._last_saved = rolled_back.to_step  # the restored state is on disk already
+        else:
+            self._last_saved = min(self._last_saved, rolled_back.to_step - 1)
 
     def _prune(self) -> None:
         if self.keep_last <= 0:

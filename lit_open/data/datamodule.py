@@ -118,11 +118,24 @@ class TokenSamples(Dataset):
 
 
 class StepBatchSampler:
-    """This rank's micro-batches of global batches start, start+1, ...: yields lists of sample keys, forever."""
+    """This rank's micro-batches of global batches start, start+1, ...: yields lists of sample keys, forever.
+
+    `jump_to(step)` moves it forward (after a rollback): the global batches in between are never read. It runs in
+    the main process (DataLoader workers only read the samples), so the jump applies from the next micro-batch it
+    hands out; batches already handed out are recognised by their data step and dropped by LitLM.
+    """
 
     def __init__(self, order: DataOrder, start: int, rank: int, world_size: int, micro_batch_size: int) -> None:
         self.order, self.start, self.rank, self.world_size = order, start, rank, world_size
         self.micro_batch_size = micro_batch_size
+        self._jump: int | None = None
+
+    def jump_to(self, step: int) -> None:
+        self._jump = step
+
+    def _take_jump(self, step: int) -> int | None:
+        target, self._jump = self._jump, None
+        return target if target is not None and target > step else None
 
     def __iter__(self):
         step = self.start
@@ -130,9 +143,15 @@ class StepBatchSampler:
             samples = self.order.rank_slice(step, self.rank, self.world_size)
             n_micro = len(samples) // self.micro_batch_size
             for micro in range(n_micro):
+                target = self._take_jump(step)
+                if target is not None:
+                    break
                 chunk = samples[micro * self.micro_batch_size : (micro + 1) * self.micro_batch_size]
                 yield [(int(s), int(i), step, micro, n_micro) for s, i in chunk]
-            step += 1
+            else:
+                step += 1
+                continue
+            step = target
 
 
 class DataModule(L.LightningDataModule):
@@ -151,6 +170,7 @@ class DataModule(L.LightningDataModule):
         self.train_sources: list[Source] = []
         self.val_sources: list[Source] = []
         self.order: DataOrder | None = None
+        self._sampler: StepBatchSampler | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None) and self.order is None:
@@ -170,8 +190,12 @@ class DataModule(L.LightningDataModule):
         rank, world_size = data_parallel_rank_and_size(self.trainer)
         micro_batches_per_step(self.cfg, world_size)  # fail early on a batch size that does not divide
         start = self.trainer.lightning_module.consumed_batches
-        sampler = StepBatchSampler(self.order, start, rank, world_size, self.cfg.micro_batch_size)
-        return self._loader(self.train_sources, sampler)
+        self._sampler = StepBatchSampler(self.order, start, rank, world_size, self.cfg.micro_batch_size)
+        return self._loader(self.train_sources, self._sampler)
+
+    def skip_to(self, data_step: int) -> None:
+        """Go on with global batch `data_step`: the ones before it that were not read yet are skipped."""
+        self._sampler.jump_to(data_step)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sources:

@@ -5,6 +5,9 @@ Layout: `sources.json` (the sources, their weights and sizes, seq_len, the seed)
 (`data_step`: the global batch; `step`: the optimizer step it fed; `index`: the sample of seq_len + 1 tokens
 within its source, i.e. tokens [index * (seq_len + 1), (index + 1) * (seq_len + 1)) of that source's stream).
 On resume, entries from the resumed position on are rewritten, so the log always describes the run as it went.
+After a rollback the entries of the global batches whose updates were undone get `"undone": "rollback"`, and the
+global batches jumped over are logged with `"step": null, "skipped": "rollback"`: the samples that shaped the
+final model are those of the entries with neither mark.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class DataSequenceLog(Callback):
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self._written = 0
+        self._undone: tuple[int, int] = (0, 0)  # data steps [first, end) whose updates the latest rollback undid
+        self._skipped: tuple[int, int] = (0, 0)  # data steps [first, end) jumped over by the latest rollback
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._written = pl_module.consumed_batches
@@ -85,6 +90,27 @@ class DataSequenceLog(Callback):
                 "step": trainer.global_step,
                 "samples": order.global_batch(data_step).tolist(),
             }
+            if self._undone[0] <= data_step < self._undone[1]:  # the batch whose update was replaced by the rollback
+                record["undone"] = "rollback"
+            if self._skipped[0] <= data_step < self._skipped[1]:
+                record.update(step=None, skipped="rollback")
             with sequence_file(self.directory, data_step).open("a") as f:
                 f.write(json.dumps(record, separators=(",", ":")) + "\n")
             self._written += 1
+
+    def on_rollback(self, trainer: Trainer, pl_module: LightningModule, rolled_back: Any) -> None:
+        self._undone, self._skipped = rolled_back.undone, rolled_back.skipped
+        if not trainer.is_global_zero:
+            return
+        first, end = rolled_back.undone
+        for data_step in range(first - first % FILE_STEPS, end, FILE_STEPS):
+            path = sequence_file(self.directory, data_step)
+            if not path.exists():
+                continue
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            for record in records:
+                if first <= record["data_step"] < end:
+                    record["undone"] = "rollback"
+            tmp = path.with_name(f".tmp-{path.name}")
+            tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records))
+            tmp.replace(path)

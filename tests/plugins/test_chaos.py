@@ -184,7 +184,7 @@ def test_skip_step_skips_the_spike_and_the_nan_and_training_goes_on(tiny_data, t
     assert sorted(metrics) == list(range(1, 13))  # 12 updates, the skipped batches did not count
     assert all(math.isfinite(r["train/loss"]) for r in metrics.values())
     assert all(metrics[step]["train/loss"] < 5.8 for step in range(4, 13))  # never a spike in metrics.csv
-    # the skipped spike left its multiplied LR behind: the plugin put the schedule's back for the next update
+    # the skipped spike's multiplied LR was never applied, and the next update is back on the schedule
     cfg = load_train_config(tiny_overrides(tiny_data, run_dir, **{**FAST, "trainer.max_steps": 12}))
     for step, row in metrics.items():
         assert row["train/lr"] == pytest.approx(cfg.optim.lr * lr_factor(step, cfg.schedule, 12), rel=1e-9), step
