@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,13 @@ def tiny_overrides(data: Path, run_dir: Path, model: str = "tiny", **extra: obje
     }
     overrides.update(extra)
     return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free right now (for a test's process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:

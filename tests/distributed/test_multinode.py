@@ -8,25 +8,18 @@ checkpoint must continue on another process count.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides, train_losses
+from conftest import free_port, tiny_overrides, train_losses
 
 from lit_open.events import read_events
 
 STEPS, TOTAL = 5, 8  # the 2-node run stops at STEPS; it is continued on 1 process to TOTAL
 TIMEOUT = 240  # seconds for the whole 2-node job; it takes about 20 s on 2 cores
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_command(node_rank: int, port: int, overrides: list[str]) -> list[str]:

@@ -8,12 +8,12 @@ GELU MLP and partial rotary, and tied embeddings. Loss and every parameter's gra
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from lit_open.config import StrategyConfig
 from lit_open.loss import lm_loss
@@ -84,12 +84,6 @@ def worker(rank: int, port: int, layout: str) -> None:
             torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"{layout}: {name}")
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import read_metrics, tiny_overrides
+from conftest import free_port, read_metrics, tiny_overrides
 
 from lit_open.compose import load_train_config
 from lit_open.config import StrategyConfig
@@ -159,12 +158,6 @@ def check_tensor_parallel(tie: bool) -> None:
     _, plain_grads, _ = logits_and_grads(tiny_model(tie=tie), tokens)  # the shrink did happen under TP
     embedding_grad = sharded.tok_embeddings.weight.grad.full_tensor()
     assert not torch.allclose(embedding_grad, plain_grads["tok_embeddings.weight"], rtol=1e-2, atol=0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
