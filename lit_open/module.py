@@ -20,6 +20,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
+from lit_open.checkpoint.resumable import CheckpointWriter, checkpoint_step, list_checkpoints
 from lit_open.config import TrainConfig
 from lit_open.errors import UserError
 from lit_open.events import EventLog
@@ -28,7 +29,15 @@ from lit_open.model import Transformer
 from lit_open.optim import build_optimizer, build_scheduler, param_groups
 from lit_open.parallel import after_optimizer_step, check_tensor_parallel, materialize, parallelize
 from lit_open.plugin import Plugin, Rollback, RolledBack, StepOutputs
-from lit_open.state import SnapshotRing, restore_snapshot, rng_state, set_rng_state, take_snapshot
+from lit_open.state import (
+    Snapshot,
+    SnapshotRing,
+    restore_snapshot,
+    rng_state,
+    set_rng_state,
+    snapshot_from_checkpoint,
+    take_snapshot,
+)
 
 CHECKPOINT_KEY = "lit_open"
 NEVER = sys.maxsize  # a batch interval Lightning never reaches
@@ -198,6 +207,20 @@ class LitLM(L.LightningModule):
             take_snapshot(self.model, optimizer, self.lr_schedulers(), self.global_step, self.consumed_batches)
         )
 
+    def _checkpoint_snapshot(self, step: int) -> Snapshot | None:
+        """The newest single-file checkpoint on disk at or before `step`, as a snapshot (None if there is none).
+
+        Sharded checkpoint directories are not read back mid-run: the oldest in-memory snapshot serves instead.
+        """
+        writer = next((c for c in self.trainer.callbacks if isinstance(c, CheckpointWriter)), None)
+        found = [p for p in list_checkpoints(writer.directory) if p.is_file()] if writer is not None else []
+        found = [p for p in found if checkpoint_step(p) <= step]
+        if not found:
+            return None
+        checkpoint = torch.load(found[-1], map_location="cpu", weights_only=False)
+        state = checkpoint[CHECKPOINT_KEY]
+        return snapshot_from_checkpoint(checkpoint, state["consumed_batches"], state["rng"])
+
     def _agreed_rollback(self, request: Rollback | None) -> Rollback | None:
         """Global rank 0's request when any rank has one, on every rank; None when no rank asks."""
         if not self.trainer.strategy.reduce_boolean_decision(request is not None, all=False):
@@ -212,6 +235,8 @@ class LitLM(L.LightningModule):
                 "state to roll back to was kept. Plugins that call for rollbacks must declare one."
             )
         snapshot = self.snapshots.newest_at_or_before(request.to_step)
+        if snapshot.step > request.to_step:  # e.g. a spike that began before this session resumed
+            snapshot = self._checkpoint_snapshot(request.to_step) or snapshot
         from_step = self.global_step
         restore_snapshot(snapshot, self.model, self.optimizers().optimizer, self.lr_schedulers())
         progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
@@ -237,6 +262,7 @@ class LitLM(L.LightningModule):
             "rollback",
             reason=request.reason,
             requested_by=request.requested_by,
+            requested_to_step=request.to_step,  # the restored to_step is older or, when nothing older is kept, newer
             from_step=from_step,
             to_step=snapshot.step,
             undone_data_steps=list(rolled_back.undone),

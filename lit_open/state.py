@@ -117,6 +117,22 @@ def restore_snapshot(
     set_rng_state(snapshot.rng)
 
 
+def snapshot_from_checkpoint(checkpoint: dict[str, Any], consumed_batches: int, rng: dict[str, Any]) -> Snapshot:
+    """A Snapshot holding a single-file checkpoint's state (as Lightning saved it: `model.`-prefixed weights, the
+    optimizer's state_dict, whose parameter indices follow its param_groups' order)."""
+    optimizer = checkpoint["optimizer_states"][0]
+    n_params = sum(len(group["params"]) for group in optimizer["param_groups"])
+    return Snapshot(
+        step=checkpoint["global_step"],
+        consumed_batches=consumed_batches,
+        model={name.removeprefix("model."): t for name, t in checkpoint["state_dict"].items()},
+        optimizer_state=[optimizer["state"].get(i) for i in range(n_params)],
+        optimizer_groups=[{k: v for k, v in g.items() if k != "params"} for g in optimizer["param_groups"]],
+        scheduler=checkpoint["lr_schedulers"][0],
+        rng=rng,
+    )
+
+
 class SnapshotRing:
     """Snapshots every `every` optimizer steps, keeping just enough to go back `horizon` steps from the newest.
 

@@ -36,7 +36,8 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if _NAME.match(p.name))
 
 
-def _step_of(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step in a checkpoint's name (step-NNNNNNNN.ckpt)."""
     return int(_NAME.match(path.name).group(1))
 
 
@@ -106,7 +107,7 @@ class CheckpointWriter(Callback):
     def on_rollback(self, trainer: Trainer, pl_module: LightningModule, rolled_back: Any) -> None:
         """Move checkpoints newer than the restored step to `rolled-back/`: `resume=auto` must not pick them."""
         if trainer.is_global_zero:
-            newer = [p for p in list_checkpoints(self.directory) if _step_of(p) > rolled_back.to_step]
+            newer = [p for p in list_checkpoints(self.directory) if checkpoint_step(p) > rolled_back.to_step]
             if newer:
                 aside = self.directory / ROLLED_BACK
                 aside.mkdir(exist_ok=True)

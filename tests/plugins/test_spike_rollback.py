@@ -122,8 +122,9 @@ def quickstart(data, run_dir, **extra):
         "trainer.val_check_interval": 20,
         "checkpoint.every_n_steps": 5,
         "checkpoint.keep_last": 0,
+        "optim.lr": 3e-3,
     }
-    return ["train", *tiny_overrides(data, run_dir, model="quickstart", **settings, **{"optim.lr": 3e-3}, **extra)]
+    return ["train", *tiny_overrides(data, run_dir, model="quickstart", **{**settings, **extra})]
 
 
 def train(*args):
@@ -188,3 +189,36 @@ def test_an_injected_spike_is_rolled_back_and_training_ends_where_a_clean_run_do
     expected, got = train_losses(guarded), train_losses(resumed)
     for step in range(31, STEPS + 1):
         assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+
+    # a crash in the middle of the spike (after update 26; the newest checkpoint is step 25's): the resumed run
+    # remembers the spike in progress, and as no snapshot from before it is in memory, restores the step-20
+    # checkpoint from disk; from there it repeats the uninterrupted run
+    crashed = tmp_path / "crashed"
+    args = quickstart(tiny_data, crashed, plugins="[chaos,spike_rollback]", **SPIKE, **ROLLBACK)
+    assert run_cli(*args, "plugins.chaos.crash_steps=[26]").returncode == -9
+    train(*args, "plugins.chaos.crash_steps=[26]", "resume=auto")
+    (rollback,) = [e for e in read_events(crashed / "events.jsonl") if e["event"] == "rollback"]
+    assert (rollback["requested_to_step"], rollback["to_step"], rollback["from_step"]) == (23, 20, 28)
+    got = train_losses(crashed)
+    for step in range(21, STEPS + 1):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
+@pytest.mark.slow
+def test_a_rollback_can_switch_qk_norm_on(tiny_data, tmp_path):
+    run_dir = tmp_path / "escalated"
+    escalate = {
+        "plugins.spike_rollback.escalate": "[qk_norm]",
+        "plugins.qk_norm.start": "on_rollback",
+        "plugins.qk_norm.ramp_steps": 4,
+        "trainer.max_steps": 30,
+    }
+    train(*quickstart(tiny_data, run_dir, plugins="[chaos,spike_rollback,qk_norm]", **SPIKE, **ROLLBACK, **escalate))
+    events = read_events(run_dir / "events.jsonl")
+    (rollback,) = [e for e in events if e["event"] == "rollback"]
+    assert rollback["escalate"] == ["qk_norm"] and rollback["to_step"] == 20
+    actions = [(e["action"], e["step"]) for e in events if e["event"] == "qk_norm"]
+    assert actions == [("inserted", 0), ("activated", 20), ("calibrated", 20), ("ramped_in", 24)]
+    # dormant (alpha 0) until the rollback; from the restored step 20 it is blended in over 4 updates
+    alpha = {int(r["step"]): float(r["qk_norm/alpha"]) for r in read_metrics(run_dir) if r["train/loss"]}
+    assert [alpha[s] for s in range(21, 27)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
