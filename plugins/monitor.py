@@ -57,8 +57,8 @@ hooks; per step (median) a monitored step takes 16 ms more than the 0.50 s of th
 8 ms more; three alternating runs of `lit-open train model=quickstart data.seq_len=128 trainer.max_steps=50` with
 and without `plugins=[monitor]` took 25.0-26.1 s and 25.4-25.8 s (the difference is within their noise). The
 per-step work is a few fused `torch._foreach_norm` kernels per kind of tensor, one copy of the parameter shards and
-two collectives; tests/plugins/test_monitor.py::test_overhead_at_the_default_interval (`-m slow`) repeats the
-in-hook measurement.
+two collectives; `python -m lit_open.bench plugin-overhead --plugin monitor` repeats the in-hook measurement
+and the A/B (add `--device cuda --model ... --seq-len ...` on a GPU).
 
 Options (`plugins.monitor.<option>`):
 - every_n_steps (int >= 1, default 10): optimizer steps between two monitored steps;

@@ -1,4 +1,4 @@
-"""`python -m lit_open.bench [throughput | loss-memory] [options]`: run a benchmark, print a table, write JSON.
+"""`python -m lit_open.bench [throughput | loss-memory | plugin-overhead] [options]`: run one, write JSON.
 
 With no subcommand (or options only) the throughput benchmark runs. Every run writes `--json PATH` (default
 `bench-<subcommand>.json` in the working directory): the date, the device, the torch / lightning / lit-open
@@ -29,6 +29,7 @@ DEFAULT = "throughput"
 SUBCOMMANDS = {
     "throughput": ("lit_open.bench.throughput", "tokens/s, TFLOP/s, MFU and peak memory: Lightning vs a bare loop"),
     "loss-memory": ("lit_open.bench.loss_memory", "peak memory of the full-logits loss vs the chunked lm_loss"),
+    "plugin-overhead": ("lit_open.bench.plugin_overhead", "share of training time inside a plugin's hooks, and an A/B"),
 }
 
 

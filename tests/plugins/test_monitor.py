@@ -10,7 +10,6 @@ one-process run, and measure its overhead.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -329,77 +328,3 @@ def tolerance(column: str) -> float:
     training); exp_avg_sq, a sum of squared gradients dominated by a few elements, doubles their relative error.
     A sharding mistake (an element counted twice or not at all) is off by far more in its group's column."""
     return 5e-4 if column == "monitor/exp_avg_sq_norm" else 1e-4
-
-
-# -- overhead ------------------------------------------------------------------------------------------------
-
-TIMED_HOOKS = ("on_train_batch_start", "on_after_backward", "on_before_optimizer_step", "on_train_batch_end")
-
-
-@pytest.mark.slow
-def test_overhead_at_the_default_interval(tiny_data, tmp_path, monkeypatch):
-    """The quickstart model (with the tiny corpus' 512-token vocabulary) at seq_len 128, micro-batch 16, float32 on
-    one CPU thread, every_n_steps=10: the time spent inside the monitor's hooks is at most 2% of the training time.
-
-    Timing the hooks inside the run, rather than comparing runs, keeps the figure steady on a shared machine; an
-    A/B of steps/s is printed as well (on a loaded machine its noise exceeds the effect)."""
-    steps = 40
-    overrides = {
-        "model.vocab_size": 512,
-        "data.seq_len": 128,
-        "data.micro_batch_size": 16,
-        "data.global_batch_size": 16,
-        "trainer.max_steps": steps,
-        "trainer.val_check_interval": 0,
-        "trainer.validate_at_start": "false",
-        "checkpoint.every_n_steps": 1000,
-        "logger": "csv",
-    }
-    spent = [0.0]
-    real_build = train_module.build_plugins
-
-    def timed(method):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                spent[0] += time.perf_counter() - start
-
-        return wrapper
-
-    def build(cfg):
-        plugins = real_build(cfg)
-        for plugin in plugins:
-            if isinstance(plugin, Monitor):
-                for hook in (*TIMED_HOOKS, "_record_activation"):
-                    setattr(plugin, hook, timed(getattr(plugin, hook)))
-        return plugins
-
-    monkeypatch.setattr(train_module, "build_plugins", build)
-
-    def run(name: str, monitored: bool) -> float:
-        tiny = [o for o in tiny_overrides(tiny_data, tmp_path / name, **overrides) if not o.startswith("model.")]
-        extra = ["plugins=[monitor]"] if monitored else []
-        cfg = load_train_config(["model=quickstart", *tiny, "model.vocab_size=512", *extra])
-        assert cfg.model.n_layer == 4 and cfg.model.d_model == 256
-        return train_module.run(cfg)["train_seconds"]
-
-    shares, plain, monitored = [], [], []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on a loaded 2-core machine time the machine's load, not the monitor
-    try:
-        for i in range(2):  # alternate, so that changes in the machine's load hit both alike
-            plain.append(run(f"plain{i}", monitored=False))
-            spent[0] = 0.0
-            monitored.append(run(f"monitored{i}", monitored=True))
-            shares.append(spent[0] / monitored[-1])
-    finally:
-        torch.set_num_threads(threads)
-    print(
-        f"\nmonitor overhead: {100 * min(shares):.2f}% of the training time spent in its hooks "
-        f"(runs: {', '.join(f'{100 * s:.2f}%' for s in shares)}); A/B steps/s without the monitor "
-        f"{steps / min(plain):.3f}, with {steps / min(monitored):.3f} ({100 * (min(monitored) / min(plain) - 1):+.2f}% "
-        "time)"
-    )
-    assert min(shares) <= 0.02

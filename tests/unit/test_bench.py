@@ -121,3 +121,21 @@ def test_loss_memory_subcommand_dispatch(tmp_path, monkeypatch):
     naive, chunked = report["results"]["naive"], report["results"]["chunked"]
     assert naive["loss"] == pytest.approx(chunked["loss"], rel=1e-5)
     assert "memory_ratio" in report["results"]
+
+
+@pytest.mark.slow
+def test_plugin_overhead_times_the_plugins_hooks_and_both_runs(tiny_data, tmp_path):
+    data = [
+        f"data.sources=[{{path:{tiny_data}/train}}]",
+        "data.val_sources=[]",
+        f"data.tokenizer={tiny_data / 'tokenizer.json'}",
+        "data.prepare=null",
+        "model.vocab_size=512",
+    ]
+    args = ["plugin-overhead", "--steps", "10", "--repeats", "1", "--seq-len", "32", "--micro-batch", "4"]
+    report = main([*args, "--json", str(tmp_path / "overhead.json"), *data, "plugins.monitor.every_n_steps=5"])
+    results = report["results"]
+    # monitored steps 5 and 10, plus the hooks of every step: the plugin's methods were called and timed
+    assert results["hook_calls"] > 10 and 0 < results["in_hook_share"] < 1
+    assert results["ab_time_ratio"] == pytest.approx(results["train_seconds_with"] / results["train_seconds_without"])
+    assert json.loads((tmp_path / "overhead.json").read_text())["benchmark"] == "plugin-overhead"
