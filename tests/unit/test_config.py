@@ -8,6 +8,7 @@ import torch
 from lit_open.compose import group_options, load_prepare_config, load_train_config, to_yaml
 from lit_open.errors import UserError
 from lit_open.model import Transformer, num_parameters
+from lit_open.plugin import build_plugins
 
 RECIPES = ["quickstart", "olmo2_1b", "olmo2_7b", "amber_7b", "k2_65b", "pythia_160m"]
 EXPECTED_PARAMS = {  # equal to transformers' models (tests/parity/test_param_counts.py)
@@ -42,6 +43,18 @@ def test_recipe_values_come_through_and_overrides_win():
     assert (cfg.schedule.warmup_steps, cfg.data.seq_len, cfg.trainer.precision) == (4000, 4096, "bf16-mixed")
     assert (cfg.optim.lr, cfg.trainer.max_steps) == (1e-4, 10)
     assert cfg.optim.decay_norms and not cfg.optim.decay_embeddings
+
+
+@pytest.mark.parametrize("recipe", ["olmo2_1b", "olmo2_7b"])
+def test_olmo2_recipes_train_with_the_stability_plugins(recipe):
+    cfg = load_train_config([f"recipe={recipe}"])
+    plugins = build_plugins(cfg.plugins)
+    assert [p.name for p in plugins] == ["z_loss", "qk_norm", "spike_rollback", "nan_guard", "gc", "monitor"]
+    assert plugins[0].cfg.coefficient == 1e-5  # OLMo 2's z-loss weight
+    qk_norm = plugins[1]
+    assert qk_norm.configure_model(cfg.model) is cfg.model and not qk_norm.inserted  # QK-norm is OLMo 2's own
+    # plugins=[...] replaces the recipe's selection; the recipe's z_loss settings then select nothing
+    assert [p.name for p in build_plugins(load_train_config([f"recipe={recipe}", "plugins=[gc]"]).plugins)] == ["gc"]
 
 
 def test_model_presets_resolve_derived_fields_from_their_own_sizes():
