@@ -6,6 +6,7 @@ every composition error becomes a one-paragraph `UserError` (exit status 2) inst
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from importlib.metadata import entry_points
 from importlib.resources import files
@@ -16,6 +17,7 @@ from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException
+from hydra.utils import get_class
 from omegaconf import OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -144,6 +146,8 @@ def _override_message(err: Exception, schema: type) -> str:
             "No plugins are installed, so plugins=[...] has nothing to select. Packages add plugins under the "
             "entry-point group lit_open.plugins; `lit-open list plugins` shows what is available."
         )
+    if match and match.group(1).startswith("plugins.") and match.group(1).count(".") >= 2:
+        return _plugin_option_message(match.group(1))
     if match:
         key = match.group(1)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
@@ -153,6 +157,29 @@ def _override_message(err: Exception, schema: type) -> str:
             hint if key.startswith("plugins.") else ""
         )
     return "Bad override: " + " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _plugin_option_message(key: str) -> str:
+    """Why `plugins.NAME.OPTION=...` matched nothing: an unknown plugin or option, or a plugin not selected."""
+    _, name, option = key.split(".", 2)
+    installed = plugin_entry_points()
+    if name not in installed:
+        return f"Unknown plugin '{name}' in '{key}'. Installed plugins: {', '.join(sorted(installed)) or 'none'}."
+    try:
+        plugin_class = get_class(installed[name])
+        options = [f.name for f in dataclasses.fields(plugin_class.Config)]
+    except Exception:  # a broken third-party plugin: the message still names the key
+        options = []
+    if option.split(".")[0] not in options:
+        return (
+            f"Unknown option '{option}' of plugin '{name}' ({key}). Its options: {', '.join(options) or 'none'} "
+            f"(`lit-open list plugins`; the plugin's docstring describes them)."
+        )
+    return (
+        f"'{key}' sets an option of plugin '{name}', which this run does not select. Select it with "
+        f"+plugins={name} (one more than the recipe's) or list it in plugins=[...]; an option its YAML does not set "
+        f"is added with '+': +{key}=..."
+    )
 
 
 def _keys_under(schema: type, dotted: str) -> list[str]:

@@ -38,6 +38,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train as `cfg` says; returns the summary that is also printed (steps, tokens, losses, paths)."""
     run_dir = Path(cfg.run.dir)
     rank_zero = rank_zero_only.rank == 0  # read from the launcher's environment; valid before the Trainer exists
+    plugins = build_plugins(cfg.plugins)  # their options are checked here, before any data is prepared
     if rank_zero:
         ensure_writable(run_dir)
     ensure_data(cfg, rank_zero)
@@ -57,7 +58,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.trainer.matmul_precision:
         torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    plugins = build_plugins(cfg.plugins)
     datamodule = DataModule(cfg.data, cfg.run.seed)
     module = LitLM(cfg, plugins, run_dir)
     trainer = L.Trainer(
