@@ -58,6 +58,7 @@ from typing import Any
 
 import torch
 
+from lit_open.checkpoint.resumable import CheckpointWriter, checkpoint_step, list_checkpoints
 from lit_open.errors import UserError
 from lit_open.plugin import Plugin, Rollback, RolledBack, SnapshotPolicy
 
@@ -217,10 +218,9 @@ class SpikeRollback(Plugin):
             raise UserError(
                 f"{reason}, after {len(self.rollbacks)} rollbacks already (plugins.spike_rollback.max_rollbacks="
                 f"{self.cfg.max_rollbacks}, at steps {[r['at_step'] for r in self.rollbacks]}). The run stops here, "
-                "without writing a checkpoint of this state; the checkpoints from before the spike are in "
-                "<run.dir>/checkpoints. Spikes that keep coming back call for a recipe change: a lower LR "
-                "(optim.lr), z_loss, qk_norm (plugins.spike_rollback.escalate=[qk_norm]), or a larger "
-                "plugins.spike_rollback.max_rollbacks, then resume=auto."
+                f"without writing a checkpoint of this state. {self._checkpoint_advice(onset)} Spikes that keep "
+                "coming back call for a recipe change: a lower LR (optim.lr), z_loss, qk_norm "
+                "(plugins.spike_rollback.escalate=[qk_norm]), or a larger plugins.spike_rollback.max_rollbacks."
             )
         return Rollback(
             to_step=max(onset - 1 - self.cfg.rewind, 0),
@@ -229,6 +229,18 @@ class SpikeRollback(Plugin):
             escalate=tuple(self.cfg.escalate),
             requested_by=self.name,
         )
+
+    def _checkpoint_advice(self, onset: int) -> str:
+        """Which checkpoint to resume from: the newest written before the spike began (resume=auto may be newer)."""
+        callbacks = self._trainer.callbacks if self._trainer is not None else []
+        writer = next((c for c in callbacks if isinstance(c, CheckpointWriter)), None)
+        found = list_checkpoints(writer.directory) if writer is not None else []
+        before = [p for p in found if checkpoint_step(p) < onset]
+        if not before:
+            return "No checkpoint from before the spike is on disk: start again from an earlier run or from scratch."
+        during = [p.name for p in found if checkpoint_step(p) >= onset]
+        auto = f" (resume=auto would take the newest, {during[-1]}, written during the spike)" if during else ""
+        return f"Resume from the newest checkpoint from before the spike with resume={before[-1]}{auto}."
 
     def on_rollback(self, trainer, pl_module, rolled_back: RolledBack) -> None:
         """Any rollback (also another plugin's) ends the spike in progress; ours are recorded and counted."""

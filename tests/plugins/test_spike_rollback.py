@@ -82,7 +82,7 @@ def test_state_survives_a_resume_mid_spike():
 def test_after_max_rollbacks_a_malignant_spike_stops_the_run():
     plugin = SpikeRollback(**SMALL, max_rollbacks=1)
     plugin.rollbacks = [{"at_step": 5}]
-    with pytest.raises(UserError, match=r"max_rollbacks=1.*resume=auto"):
+    with pytest.raises(UserError, match=r"max_rollbacks=1, at steps \[5\]\).*No checkpoint from before the spike"):
         feed(plugin, [*quiet(10), 6.0, 5.0, 5.0, 5.0, 5.0])
 
 
@@ -222,3 +222,22 @@ def test_a_rollback_can_switch_qk_norm_on(tiny_data, tmp_path):
     # dormant (alpha 0) until the rollback; from the restored step 20 it is blended in over 4 updates
     alpha = {int(r["step"]): float(r["qk_norm/alpha"]) for r in read_metrics(run_dir) if r["train/loss"]}
     assert [alpha[s] for s in range(21, 27)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+@pytest.mark.slow
+def test_past_max_rollbacks_the_run_stops_with_a_clear_error_and_its_checkpoints_intact(tiny_data, tmp_path):
+    run_dir = tmp_path / "twice"
+    twice = {"plugins.chaos.spike_steps": "[24,25,40,41]", "plugins.spike_rollback.max_rollbacks": 1}
+    args = quickstart(tiny_data, run_dir, plugins="[chaos,spike_rollback]", **{**SPIKE, **ROLLBACK, **twice})
+    result = run_cli(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = result.stderr[result.stderr.index("lit-open: error:") :]
+    assert "after 1 rollbacks already (plugins.spike_rollback.max_rollbacks=1" in message
+    # the second spike began at update 29 (data step 40, after the first rollback's jump): step 25's checkpoint is
+    # the newest from before it; step 30's was written during it
+    assert f"resume={run_dir / 'checkpoints' / 'step-00000025.ckpt'}" in message
+    assert "resume=auto would take the newest, step-00000030.ckpt, written during the spike" in message
+    events = read_events(run_dir / "events.jsonl")
+    assert [e["event"] for e in events if e["event"] in ("rollback", "spike")].count("rollback") == 1
+    assert [e["phase"] for e in events if e["event"] == "spike"] == ["onset", "malignant", "onset", "malignant"]
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
