@@ -151,6 +151,11 @@ def _override_message(err: Exception, schema: type) -> str:
     if match:
         key = match.group(1)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
+        if key.rsplit(".", 1)[-1] in _keys_under(schema, parent):
+            return (
+                f"'{key}' is a valid key that this config does not set (its preset or recipe leaves it at the "
+                f"default): set it with a '+', +{key}=..."
+            )
         where = f"under '{parent}'" if parent else "at the top level"
         hint = " (plugin options that a plugin's YAML does not set are added with '+': +plugins.NAME.option=...)"
         return f"Unknown config key '{key}'. Keys {where}: {', '.join(_keys_under(schema, parent)) or 'none'}." + (
