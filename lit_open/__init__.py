@@ -6,3 +6,14 @@ try:
     __version__ = version("lit-open")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
+
+__all__ = ["__version__", "load_hf", "save_hf"]
+
+
+def __getattr__(name: str):
+    # Imported on first use, so that `import lit_open` does not load the checkpoint code.
+    if name in ("load_hf", "save_hf"):
+        from lit_open.checkpoint import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'lit_open' has no attribute {name!r}")
