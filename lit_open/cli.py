@@ -1,4 +1,4 @@
-"""The `lit-open` console script: train, prepare, eval, list. Arguments after the command are Hydra overrides."""
+"""The `lit-open` console script: train, prepare, eval, convert, list; arguments after the command are overrides."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ commands:
   prepare   tokenize text into litdata chunks:
             `lit-open prepare inputs=[a.jsonl,dir/,stdlib] output=DIR [tokenizer=tokenizer.json] [val_fraction=0.01]`
   eval      held-out loss of a checkpoint: `lit-open eval checkpoint=RUN_DIR/checkpoints/step-00000300.ckpt`
+  convert   a run checkpoint to a Hugging Face directory, or a Hugging Face checkpoint to lit-open weights:
+            `lit-open convert source=RUN_DIR/checkpoints/step-00000300.ckpt out=DIR [dtype=bfloat16]`
+            `lit-open convert source=hf:EleutherAI/pythia-160m@step3000 out=pythia.ckpt`
   list      `lit-open list recipes|models|plugins`
 
 Overrides are Hydra's: key=value, +key=value (add a key), recipe=NAME, model=NAME, plugins=[a,b], +plugins=c.
@@ -50,8 +53,14 @@ def main(argv: list[str] | None = None) -> None:
             _eval(args)
         elif command == "list":
             _list(args)
+        elif command == "convert":
+            from lit_open.convert import convert
+
+            convert(args)
         else:
-            raise UserError(f"Unknown command {command!r}. Commands: train, prepare, eval, list (see lit-open --help).")
+            raise UserError(
+                f"Unknown command {command!r}. Commands: train, prepare, eval, convert, list (see lit-open --help)."
+            )
     except UserError as err:
         if debug:
             raise

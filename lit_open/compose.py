@@ -111,7 +111,13 @@ def load_train_config(overrides: list[str], config_file: str | Path | None = Non
         del cfg["hydra"]
         if recipe:
             cfg.run.recipe = recipe
-    return validate(cfg)
+    typed = validate(cfg)
+    if typed.init_from:
+        from lit_open.checkpoint.source import apply_init_source
+
+        explicit = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+        typed = apply_init_source(typed, {k for k in explicit if k == "model" or k.startswith("model.")})
+    return typed
 
 
 LISTABLE = {"recipe": "recipes", "model": "models", "plugins": "plugins"}  # group -> `lit-open list` topic

@@ -17,7 +17,7 @@ from lit_open.errors import UserError, check_choice
 from lit_open.model.config import ModelConfig
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 STRATEGIES = ("auto", "ddp", "fsdp", "tp", "fsdp_tp")
 MODEL_PARALLEL_STRATEGIES = ("fsdp", "tp", "fsdp_tp")  # built on Lightning's ModelParallelStrategy
@@ -75,12 +75,13 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = 1000
-    keep_last: int = 3  # older resumable checkpoints are deleted (0: keep all)
+    keep_last: int = 3  # older resumable checkpoints are deleted (0: keep all) ...
+    keep_every: int = 0  # ... except those at multiples of this step (0: none), e.g. for later analysis
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # adamw (torch) | adamw8bit (bitsandbytes: 8-bit moments, about 1/4 of the optimizer memory)
     lr: float = 3e-4
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -150,6 +151,9 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     plugins: dict[str, Any] = field(default_factory=dict)
     resume: str = "auto"  # auto: newest checkpoint in run.dir, if any | none | a checkpoint path
+    # initial weights of a new run: hf:ORG/NAME@REVISION | hf:/local/dir | a lit-open checkpoint (see
+    # lit_open.checkpoint.source); its config defines model.*
+    init_from: str | None = None
 
 
 def to_typed(schema: type, cfg: DictConfig | dict, what: str) -> Any:
@@ -252,6 +256,9 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
         raise UserError(f"trainer.max_steps={typed.trainer.max_steps} must be at least 1.")
     if typed.checkpoint.every_n_steps < 1:
         raise UserError(f"checkpoint.every_n_steps={typed.checkpoint.every_n_steps} must be at least 1.")
+    for key in ("keep_last", "keep_every"):
+        if getattr(typed.checkpoint, key) < 0:
+            raise UserError(f"checkpoint.{key}={getattr(typed.checkpoint, key)} must be 0 (off) or a positive number.")
     if typed.trainer.val_check_interval < 0:
         raise UserError("trainer.val_check_interval must be 0 (start and end only) or a number of steps.")
     schedule = typed.schedule
@@ -259,6 +266,12 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
         raise UserError(f"schedule.min_lr_ratio={schedule.min_lr_ratio} must be between 0 and 1.")
     if not 0.0 < schedule.decay_fraction <= 1.0:
         raise UserError(f"schedule.decay_fraction={schedule.decay_fraction} must be in (0, 1].")
+    if typed.optim.name == "adamw8bit" and strategy.name in MODEL_PARALLEL_STRATEGIES:
+        raise UserError(
+            f"optim.name=adamw8bit does not work with strategy={strategy.name}: bitsandbytes updates plain tensors, "
+            "not the sharded DTensor parameters of fsdp, tp and fsdp_tp. Use strategy=auto or ddp, or "
+            "optim.name=adamw."
+        )
     if len(typed.optim.betas) != 2:
         raise UserError(f"optim.betas={typed.optim.betas} must be two numbers, e.g. [0.9,0.95].")
     return typed

@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from lit_open.checkpoint.resumable import CheckpointWriter, checkpoint_step, list_checkpoints
+from lit_open.checkpoint.source import open_source, read_weights
 from lit_open.config import TrainConfig
 from lit_open.errors import UserError
 from lit_open.events import EventLog
@@ -54,9 +55,17 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 
 
 class LitLM(L.LightningModule):
-    def __init__(self, config: TrainConfig, plugins: list[Plugin] = (), run_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        plugins: list[Plugin] = (),
+        run_dir: str | Path | None = None,
+        init_from: str | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
+        self.init_from = init_from  # load these weights after building (a new run; a resumed one has its own)
+        self._init_optimizer_state: dict | None = None
         self.plugins = list(plugins)
         self.automatic_optimization = False
         self.model: Transformer | None = None
@@ -96,6 +105,41 @@ class LitLM(L.LightningModule):
             check_tensor_parallel(model_config, mesh["tensor_parallel"].size(), self.config.data.seq_len)
         parallelize(model, self.config.strategy, mesh)
         self.model = materialize(model, self.trainer.strategy.root_device, self.config.run.seed)
+        if self.init_from:
+            self._load_initial_weights()
+
+    def _load_initial_weights(self) -> None:
+        """The weights of `init_from` (every rank reads them whole; each keeps its shard), and, for a single-file
+        lit-open checkpoint on an unsharded model, its optimizer state (loaded when the optimizer exists)."""
+        source = open_source(self.init_from)
+        state, optimizer_state = read_weights(source)
+        new = {name for plugin in self.plugins for name in plugin.new_parameters()}
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(state) - new)
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise UserError(
+                f"init_from={self.init_from}: its weights do not fit the model (missing: {missing[:5]}, unexpected: "
+                f"{unexpected[:5]}). Was the checkpoint written for another architecture?"
+            )
+        sharded = any(isinstance(t, DTensor) for t in own.values())
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            self.model.load_state_dict(state, strict=False)
+        self._init_optimizer_state = optimizer_state if not sharded else None
+        self.events.write(
+            0,
+            "init_from",
+            source=self.init_from,
+            kind=source.kind,
+            path=str(source.path),
+            **source.provenance,
+            fresh_parameters=sorted(set(own) - set(state)),
+            optimizer_state="loaded" if self._init_optimizer_state is not None else "fresh",
+        )
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, doc_ids)
@@ -106,6 +150,19 @@ class LitLM(L.LightningModule):
 
     # -- training ------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
+        if self._init_optimizer_state is not None:
+            optimizer = self.optimizers().optimizer
+            settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            try:
+                optimizer.load_state_dict(self._init_optimizer_state)
+                for group, own in zip(optimizer.param_groups, settings):  # the moments carry over, not the LR etc.
+                    group.update(own)
+            except ValueError as err:
+                raise UserError(
+                    f"init_from={self.init_from}: its optimizer state does not fit this run's parameter groups ({err})."
+                    " Use the same optim.decay_* settings and plugins as the source run."
+                ) from None
+            self._init_optimizer_state = None
         policies = [p.snapshot_policy() for p in self.plugins]
         policies = [p for p in policies if p is not None]
         if policies:

@@ -1,14 +1,16 @@
-"""AdamW with parameter groups, and the learning-rate schedules (cosine, linear, WSD, constant; linear warmup)."""
+"""AdamW (torch, or bitsandbytes 8-bit) with parameter groups, and the learning-rate schedules (cosine, linear, WSD,
+constant; linear warmup)."""
 
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import cache, partial
 
 import torch
 from torch import nn
 
 from lit_open.config import OptimConfig, ScheduleConfig
+from lit_open.errors import UserError
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -36,9 +38,69 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """`cfg.name`: adamw (torch, fused on CUDA) or adamw8bit (bitsandbytes, 8-bit moments); same groups and settings."""
     groups = param_groups(model, cfg)
+    settings = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
+    if cfg.name == "adamw8bit":
+        # bitsandbytes keeps 32-bit moments for tensors below its min_8bit_size, 4096 elements by default (norms,
+        # biases, small matrices, which hold little of the memory); that default is kept.
+        return _adamw8bit_class()(groups, **settings)
+    if cfg.name != "adamw":
+        raise ValueError(f"unknown optimizer {cfg.name!r}")
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=on_cuda or None)
+    optimizer = torch.optim.AdamW(groups, **settings, fused=on_cuda or None)
+    optimizer.register_load_state_dict_pre_hook(_refuse_foreign_state)
+    return optimizer
+
+
+_BNB_WRAPPED = "__bnb_optimizer_quant_state__"  # where bitsandbytes' own state_dict nests the quantized moments
+
+
+def _check_saved_optimizer(state_dict: dict, name: str) -> None:
+    """Refuse optimizer state written by the other optimizer: torch AdamW's moments (exp_avg, exp_avg_sq) and
+    bitsandbytes' (state1, state2, absmax...) cannot stand in for each other (the first step would fail on a key)."""
+    saved = None
+    for state in state_dict["state"].values():
+        if "exp_avg" in state:
+            saved = "adamw"
+        elif "state1" in state or _BNB_WRAPPED in state:
+            saved = "adamw8bit"
+        if saved is not None:
+            break
+    if saved is not None and saved != name:
+        raise UserError(
+            f"The saved optimizer state was written with optim.name={saved}, but this run has optim.name={name}; "
+            f"the moments of one cannot be loaded into the other. Use optim.name={saved}, as the run that saved it did."
+        )
+
+
+def _refuse_foreign_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    _check_saved_optimizer(state_dict, "adamw")
+
+
+@cache
+def _adamw8bit_class() -> type[torch.optim.Optimizer]:
+    try:
+        import bitsandbytes as bnb
+    except Exception as err:  # not installed, or a broken install (native library, CUDA mismatch)
+        raise UserError(
+            f"optim.name=adamw8bit needs bitsandbytes, which failed to import ({type(err).__name__}: {err}). "
+            "Install it with `pip install bitsandbytes` (or choose optim.name=adamw)."
+        ) from err
+
+    class AdamW8bit(bnb.optim.AdamW8bit):
+        """bitsandbytes' AdamW8bit whose state_dict keeps torch's flat layout (each parameter's tensors directly in
+        its state, as AdamW's) instead of nesting the quantized moments for FSDP1: lit-open reads optimizer state
+        out of checkpoints (rollback to a checkpoint) in that layout. Loading takes either layout."""
+
+        def state_dict(self) -> dict:
+            return torch.optim.Optimizer.state_dict(self)
+
+        def load_state_dict(self, state_dict: dict, move_to_device: bool = True) -> None:
+            _check_saved_optimizer(state_dict, "adamw8bit")
+            super().load_state_dict(state_dict, move_to_device=move_to_device)
+
+    return AdamW8bit
 
 
 def lr_factor(step: int, cfg: ScheduleConfig, total_steps: int) -> float:

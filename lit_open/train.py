@@ -59,7 +59,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     datamodule = DataModule(cfg.data, cfg.run.seed)
-    module = LitLM(cfg, plugins, run_dir)
+    module = LitLM(cfg, plugins, run_dir, init_from=cfg.init_from if resume_path is None else None)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -76,7 +76,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         logger=build_loggers(cfg.logger, run_dir, resume_step if resume_path is not None else None),
         callbacks=[
             StepProgress(),
-            CheckpointWriter(run_dir / "checkpoints", cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last),
+            CheckpointWriter(
+                run_dir / "checkpoints",
+                cfg.checkpoint.every_n_steps,
+                cfg.checkpoint.keep_last,
+                cfg.checkpoint.keep_every,
+            ),
             DataSequenceLog(run_dir / "data_sequence"),
             *plugins,
         ],
@@ -283,7 +288,13 @@ def print_header(cfg: TrainConfig, trainer: L.Trainer, n_micro: int, resume_path
         f"{trainer.world_size} x {trainer.strategy.root_device.type}\n"
         f"  {cfg.data.global_batch_size} x {cfg.data.seq_len} = {tokens:,} tokens per step "
         f"({micro}); {cfg.trainer.max_steps:,} steps\n"
-        + (f"  resuming from {resume_path} (step {step})" if resume_path else "  starting from scratch")
+        + (
+            f"  resuming from {resume_path} (step {step})"
+            if resume_path
+            else f"  starting from the weights of {cfg.init_from}"
+            if cfg.init_from
+            else "  starting from scratch"
+        )
     )
 
 

@@ -58,10 +58,11 @@ def _remove(path: Path) -> None:
 class CheckpointWriter(Callback):
     """Saves a resumable checkpoint every `every_n_steps` optimizer steps and at the end of training."""
 
-    def __init__(self, directory: str | Path, every_n_steps: int, keep_last: int) -> None:
+    def __init__(self, directory: str | Path, every_n_steps: int, keep_last: int, keep_every: int = 0) -> None:
         self.directory = Path(directory)
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
+        self.keep_every = keep_every
         self._last_saved = -1
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -132,7 +133,8 @@ class CheckpointWriter(Callback):
         if self.keep_last <= 0:
             return
         for old in list_checkpoints(self.directory)[: -self.keep_last]:
-            _remove(old)
+            if not (self.keep_every and checkpoint_step(old) % self.keep_every == 0):
+                _remove(old)
 
 
 def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:

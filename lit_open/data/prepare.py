@@ -184,7 +184,12 @@ def read_manifest(split_dir: str | Path) -> dict[str, Any]:
 
 
 def tokenizer_file(path: str | Path) -> Path:
-    """The tokenizer.json that `path` names: the file itself, or the one in a directory. UserError otherwise."""
+    """The tokenizer.json that `path` names: the file itself, the one in a directory, or the one of a Hugging Face
+    source (`hf:ORG/NAME@REVISION`, `hf:/local/dir`: the tokenizer a checkpoint to fine-tune was trained with)."""
+    if str(path).startswith("hf:"):
+        from lit_open.checkpoint.hf import resolve_source
+
+        path = resolve_source(str(path))[0]
     p = Path(path).expanduser()
     if p.is_dir():
         if (p / TOKENIZER_FILE).is_file():

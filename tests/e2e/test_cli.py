@@ -19,14 +19,17 @@ def assert_user_error(result, *fragments):
 def test_help_and_listing():
     result = run_cli("--help")
     assert result.returncode == 0 and "lit-open COMMAND" in result.stdout
-    assert_user_error(run_cli("fly"), "Unknown command 'fly'", "train, prepare, eval, list")
+    assert_user_error(run_cli("fly"), "Unknown command 'fly'", "train, prepare, eval, convert, list")
     recipes = run_cli("list", "recipes").stdout.splitlines()
     assert [line.split()[0] for line in recipes] == [
         "amber_7b",
+        "amber_7b_continue",
         "k2_65b",
         "olmo2_1b",
+        "olmo2_1b_midtrain",
         "olmo2_7b",
         "pythia_160m",
+        "pythia_160m_finetune",
         "quickstart",
     ]
     models = {line.split()[0]: line for line in run_cli("list", "models").stdout.splitlines()}

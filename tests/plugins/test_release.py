@@ -1,0 +1,52 @@
+"""release: when exports happen (steps, tokens, end) and its options; the exports themselves are tested end to end
+in tests/e2e/test_finetune.py (transformers loads them; metadata, tokenizer, convert)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from lit_open.errors import UserError
+from lit_open.plugins.release import Release
+
+
+def exported_steps(plugin: Release, steps: int, tokens_per_step: int, n_micro: int = 2) -> list[int]:
+    exported = []
+    plugin.export = lambda trainer, module: (
+        exported.append(trainer.global_step) or setattr(plugin, "_last_step", trainer.global_step)
+    )
+    trainer = SimpleNamespace(global_step=0)
+    module = SimpleNamespace(tokens_per_batch=tokens_per_step, consumed_batches=0)
+    plugin.on_train_start(trainer, module)
+    for step in range(1, steps + 1):
+        for micro in range(n_micro):  # only the last micro-batch of a step completes an update
+            trainer.global_step = step if micro == n_micro - 1 else step - 1
+            module.consumed_batches = trainer.global_step
+            plugin.on_train_batch_end(trainer, module, None, {"micro": micro, "n_micro": n_micro}, 0)
+    plugin.on_train_end(trainer, module)
+    return exported
+
+
+def test_exports_every_n_steps_and_at_the_end():
+    assert exported_steps(Release(every_n_steps=4), steps=10, tokens_per_step=100) == [4, 8, 10]
+    assert exported_steps(Release(every_n_steps=5, at_end=False), steps=10, tokens_per_step=100) == [5, 10]
+
+
+def test_exports_each_time_the_tokens_cross_a_multiple():
+    # 300 tokens per step: 1000 is crossed at step 4 (1200), 2000 at step 7 (2100), 3000 at step 10 (3000)
+    plugin = Release(every_n_steps=0, every_n_tokens=1000, at_end=False)
+    assert exported_steps(plugin, steps=10, tokens_per_step=300) == [4, 7, 10]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"every_n_steps": -1}, "every_n_steps=-1"),
+        ({"every_n_steps": 0, "at_end": False}, "exports nothing"),
+        ({"dtype": "int8"}, "dtype='int8'"),
+    ],
+)
+def test_bad_options_name_the_key(options, message):
+    with pytest.raises(UserError, match=message):
+        Release(**options)
