@@ -74,7 +74,13 @@ class Release(Plugin):
         self.released: list[int] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
+        from lit_open.checkpoint.hf import hf_config
+
         self._last_step = trainer.global_step
+        try:  # fail before training, not at the first export, when no Hugging Face layout describes the model
+            hf_config(pl_module.model.config)
+        except UserError as err:
+            raise UserError(f"plugins.release cannot export this model: {err}") from None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -106,7 +112,7 @@ class Release(Plugin):
             save_hf(
                 state,
                 out,
-                config=config.model,
+                config=pl_module.model.config,  # the architecture as built (plugins may have changed it)
                 tokenizer_dir=run_tokenizer_dir(asdict(config)),
                 metadata=self.metadata(trainer, pl_module),
                 dtype=DTYPES[self.cfg.dtype] if self.cfg.dtype else None,

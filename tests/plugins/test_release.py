@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from lit_open.errors import UserError
+from lit_open.model import ModelConfig
 from lit_open.plugins.release import Release
 
 
@@ -17,7 +18,8 @@ def exported_steps(plugin: Release, steps: int, tokens_per_step: int, n_micro: i
         exported.append(trainer.global_step) or setattr(plugin, "_last_step", trainer.global_step)
     )
     trainer = SimpleNamespace(global_step=0)
-    module = SimpleNamespace(tokens_per_batch=tokens_per_step, consumed_batches=0)
+    model = SimpleNamespace(config=ModelConfig(n_layer=1, d_model=32, n_head=2, d_ff=64, vocab_size=64))
+    module = SimpleNamespace(tokens_per_batch=tokens_per_step, consumed_batches=0, model=model)
     plugin.on_train_start(trainer, module)
     for step in range(1, steps + 1):
         for micro in range(n_micro):  # only the last micro-batch of a step completes an update
@@ -50,3 +52,9 @@ def test_exports_each_time_the_tokens_cross_a_multiple():
 def test_bad_options_name_the_key(options, message):
     with pytest.raises(UserError, match=message):
         Release(**options)
+
+
+def test_a_model_no_hugging_face_layout_describes_is_refused_before_training():
+    model = SimpleNamespace(config=ModelConfig(n_layer=1, d_model=32, n_head=2, d_ff=64, vocab_size=64, qk_norm="head"))
+    with pytest.raises(UserError, match="plugins.release cannot export this model"):
+        Release().on_train_start(SimpleNamespace(global_step=0), SimpleNamespace(model=model))
