@@ -34,11 +34,9 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
-from lit_open.convert import run_tokenizer_dir
+from lit_open.convert import DTYPES, run_tokenizer_dir
 from lit_open.errors import UserError
 from lit_open.plugin import Plugin
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Release(Plugin):

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lit_open.checkpoint.resumable import SHARDED_METADATA
 from lit_open.config import TrainConfig
 from lit_open.errors import UserError
 from lit_open.model import ModelConfig
@@ -26,7 +27,6 @@ from lit_open.model import ModelConfig
 # model keys that do not describe the weights: a run may set them whatever the source says
 USER_MODEL_KEYS = {"name", "attention", "max_seq_len", "init_std", "init_cutoff", "init_scale_output"}
 HF_PREFIX = "hf:"
-SHARDED_METADATA = "meta.pt"
 
 
 @dataclass

@@ -337,7 +337,7 @@ def test_runs_same_first_step_ramp_in_metrics_and_events_and_resume_mid_ramp(tin
     (added,) = [e for e in events if e["event"] == "new_parameters"]
     assert added["names"] == sorted(NORM_KEYS)
     actions = [(e["action"], e["step"]) for e in events if e["event"] == "qk_norm"]
-    assert actions == [("inserted", 3), ("activated", 3), ("calibrated", 3), ("ramped_in", 7)][:3]
+    assert actions == [("inserted", 3), ("activated", 3), ("calibrated", 3)]  # the run ends before alpha reaches 1
 
 
 # -- tensor parallelism -----------------------------------------------------------------------------------------
