@@ -85,6 +85,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_gloo(fn, *args, nprocs: int = 2) -> None:
+    """Run `fn(*args)` in `nprocs` spawned processes joined in one gloo group; a failure in any fails the test."""
+    import torch.multiprocessing as mp
+
+    args = (free_port(), nprocs, fn, args)
+    mp.start_processes(_gloo_process, args=args, nprocs=nprocs, join=True, start_method="spawn")
+
+
+def _gloo_process(rank: int, port: int, world_size: int, fn, args: tuple) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    fn(*args)
+    dist.destroy_process_group()
+    # gloo's threads can abort a finished interpreter at exit ("terminate called without an active exception"),
+    # which would fail a test whose work passed: leave at once instead
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
     """The rows of a run's logs/metrics.csv."""
     with open(run_dir / "logs" / "metrics.csv") as f:

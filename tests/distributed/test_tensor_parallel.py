@@ -7,13 +7,9 @@ GELU MLP and partial rotary, and tied embeddings. Loss and every parameter's gra
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import run_gloo
 
 from lit_open.config import StrategyConfig
 from lit_open.loss import lm_loss
@@ -49,43 +45,38 @@ def loss_and_grads(model: Transformer, tokens: torch.Tensor) -> tuple[float, dic
     return loss.item(), grads
 
 
-def worker(rank: int, port: int, layout: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
+def worker(layout: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
 
-        config = ModelConfig(**{**BASE, **LAYOUTS[layout]}, max_seq_len=16)
-        tokens = torch.randint(0, 100, (3, 17), generator=torch.Generator().manual_seed(0))
-        whole = Transformer(config)
-        whole.init_weights(seed=3)
-        with torch.no_grad():  # non-trivial norm weights and biases, so that their sharding matters
-            for name, param in whole.named_parameters():
-                if "norm" in name or name.endswith("bias"):
-                    param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
-        ref_loss, ref_grads = loss_and_grads(whole, tokens)
+    config = ModelConfig(**{**BASE, **LAYOUTS[layout]}, max_seq_len=16)
+    tokens = torch.randint(0, 100, (3, 17), generator=torch.Generator().manual_seed(0))
+    whole = Transformer(config)
+    whole.init_weights(seed=3)
+    with torch.no_grad():  # non-trivial norm weights and biases, so that their sharding matters
+        for name, param in whole.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
+    ref_loss, ref_grads = loss_and_grads(whole, tokens)
 
-        mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
-        with torch.device("meta"):
-            sharded = Transformer(config)
-        materialize(parallelize(sharded, StrategyConfig(name="tp"), mesh), torch.device("cpu"), seed=3)
-        from torch.distributed.tensor import distribute_tensor
+    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    with torch.device("meta"):
+        sharded = Transformer(config)
+    materialize(parallelize(sharded, StrategyConfig(name="tp"), mesh), torch.device("cpu"), seed=3)
+    from torch.distributed.tensor import distribute_tensor
 
-        with torch.no_grad():
-            reference_state = whole.state_dict()
-            for name, param in sharded.named_parameters():
-                param.copy_(distribute_tensor(reference_state[name], param.device_mesh, param.placements))
-        if config.tie_embeddings:
-            assert sharded.output.weight is sharded.tok_embeddings.weight
-        loss, grads = loss_and_grads(sharded, tokens)
-        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (layout, loss, ref_loss)
-        assert grads.keys() == ref_grads.keys()
-        for name, grad in grads.items():
-            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"{layout}: {name}")
-    finally:
-        dist.destroy_process_group()
+    with torch.no_grad():
+        reference_state = whole.state_dict()
+        for name, param in sharded.named_parameters():
+            param.copy_(distribute_tensor(reference_state[name], param.device_mesh, param.placements))
+    if config.tie_embeddings:
+        assert sharded.output.weight is sharded.tok_embeddings.weight
+    loss, grads = loss_and_grads(sharded, tokens)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (layout, loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"{layout}: {name}")
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_tensor_parallel_matches_one_process(layout):
-    mp.start_processes(worker, args=(free_port(), layout), nprocs=2, join=True, start_method="spawn")
+    run_gloo(worker, layout)

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port, read_metrics, tiny_overrides
+from conftest import read_metrics, run_gloo, tiny_overrides
 
 from lit_open.compose import load_train_config
 from lit_open.config import StrategyConfig
@@ -122,14 +118,9 @@ def test_training_run_logs_the_event_and_shrinks_the_gradient_norm(tiny_data, tm
 # -- tensor parallelism: the hook registered before parallelize_module still runs, and gives the same gradients --
 
 
-def tp_worker(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        for tie in (False, True):  # both in one pair of processes: starting them is most of the cost
-            check_tensor_parallel(tie)
-    finally:
-        dist.destroy_process_group()
+def tp_worker() -> None:
+    for tie in (False, True):  # both in one pair of processes: starting them is most of the cost
+        check_tensor_parallel(tie)
 
 
 def check_tensor_parallel(tie: bool) -> None:
@@ -163,4 +154,4 @@ def check_tensor_parallel(tie: bool) -> None:
 @pytest.mark.slow
 def test_tensor_parallel_gives_the_shrunk_gradients_of_one_process():
     """2 CPU processes (gloo), tied and untied embeddings: every gradient equals the one-process model's with EGS."""
-    mp.start_processes(tp_worker, args=(free_port(),), nprocs=2, join=True, start_method="spawn")
+    run_gloo(tp_worker)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port, read_metrics, tiny_overrides, train_losses
+from conftest import read_metrics, run_gloo, tiny_overrides, train_losses
 
 from lit_open.compose import load_train_config
 from lit_open.config import StrategyConfig
@@ -343,17 +340,12 @@ def test_runs_same_first_step_ramp_in_metrics_and_events_and_resume_mid_ramp(tin
 # -- tensor parallelism -----------------------------------------------------------------------------------------
 
 
-def tp_worker(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
+def tp_worker() -> None:
+    from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
-        for mode in MODES:  # both in one pair of processes: starting them is most of the cost
-            check_tensor_parallel(mode, mesh)
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    for mode in MODES:  # both in one pair of processes: starting them is most of the cost
+        check_tensor_parallel(mode, mesh)
 
 
 def check_tensor_parallel(mode: str, mesh) -> None:
@@ -387,4 +379,4 @@ def check_tensor_parallel(mode: str, mesh) -> None:
 @pytest.mark.slow
 def test_tensor_parallel_blend_and_calibration_equal_one_process():
     """2 CPU processes (gloo), full and per-head: gains, logits and gradients at alpha 0, 0.5, 1 as in one process."""
-    mp.start_processes(tp_worker, args=(free_port(),), nprocs=2, join=True, start_method="spawn")
+    run_gloo(tp_worker)
