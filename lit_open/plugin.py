@@ -19,6 +19,7 @@ from lit_open.config import to_typed
 from lit_open.errors import UserError
 
 if TYPE_CHECKING:
+    from lit_open.config import SourceConfig, TrainConfig
     from lit_open.model import ModelConfig, Transformer
 
 
@@ -61,6 +62,15 @@ class RolledBack:
     skipped: tuple[int, int]  # data steps [first, end) jumped over: never trained
 
 
+@dataclass
+class DataPhase:
+    """A change of the training mixture that a plugin declares before training (from `Plugin.data_phases`)."""
+
+    start: int  # the first global batch (data step) drawn from this mixture
+    sources: list[SourceConfig]  # prepared sources and their weights, as in data.sources
+    key: str  # the config key they come from, for error messages (e.g. "plugins.anneal.sources")
+
+
 class Plugin(Callback):
     """Base class of lit-open plugins. Override only the hooks you need; all of them default to no-ops."""
 
@@ -86,6 +96,15 @@ class Plugin(Callback):
 
         A checkpoint written before the plugin was used lacks them; resuming it keeps their fresh values (and gives
         them fresh optimizer state) instead of failing on the missing keys.
+        """
+        return []
+
+    def data_phases(self, config: TrainConfig) -> list[DataPhase]:
+        """Mixtures the run switches to at given global batches, declared before training starts.
+
+        Declared up front, a switch is part of the data order: which samples form global batch s is still a pure
+        function of s, so a resumed run and a run on another number of processes see the same batches. A source
+        used before and after a switch continues its stream where it was.
         """
         return []
 

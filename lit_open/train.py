@@ -58,7 +58,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.trainer.matmul_precision:
         torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    datamodule = DataModule(cfg.data, cfg.run.seed)
+    datamodule = DataModule(cfg.data, cfg.run.seed, [phase for p in plugins for phase in p.data_phases(cfg)])
     module = LitLM(cfg, plugins, run_dir, init_from=cfg.init_from if resume_path is None else None)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lit_open.plugin import Plugin
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -58,6 +60,7 @@ def tiny_overrides(data: Path, run_dir: Path, model: str = "tiny", **extra: obje
     """
     overrides = {
         "run.dir": str(run_dir),
+        "plugins": "[]",  # none of the recipe's (quickstart's in-loop benchmark): a test selects what it tests
         **(TINY_MODEL if model == "tiny" else {"model": model, "trainer.accelerator": "cpu"}),
         "data.sources": f"[{{path:{data}/train}}]",
         "data.val_sources": f"[{{path:{data}/val}}]",
@@ -83,6 +86,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAfterStep(Plugin):
+    """Raises `Crash` once training has completed update `step`: a session that dies mid-run."""
+
+    name = "crash"
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise Crash(f"injected after step {self.step}")
 
 
 def run_gloo(fn, *args, nprocs: int = 2) -> None:

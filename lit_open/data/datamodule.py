@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -13,10 +13,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lit_open.config import DataConfig, SourceConfig
-from lit_open.data.order import DataOrder
+from lit_open.data.order import PhasedOrder
 from lit_open.data.prepare import read_manifest
 from lit_open.errors import UserError
 from lit_open.model.attention import doc_ids_from_tokens
+
+if TYPE_CHECKING:
+    from lit_open.plugin import DataPhase
 
 
 @dataclass
@@ -125,7 +128,7 @@ class StepBatchSampler:
     hands out; batches already handed out are recognised by their data step and dropped by LitLM.
     """
 
-    def __init__(self, order: DataOrder, start: int, rank: int, world_size: int, micro_batch_size: int) -> None:
+    def __init__(self, order: PhasedOrder, start: int, rank: int, world_size: int, micro_batch_size: int) -> None:
         self.order, self.start, self.rank, self.world_size = order, start, rank, world_size
         self.micro_batch_size = micro_batch_size
         self._jump: int | None = None
@@ -162,26 +165,41 @@ class DataModule(L.LightningDataModule):
     uninterrupted run would have seen, with any number of processes.
     """
 
-    def __init__(self, cfg: DataConfig, seed: int) -> None:
+    def __init__(self, cfg: DataConfig, seed: int, phases: list[DataPhase] = ()) -> None:
         super().__init__()
         self.cfg = cfg
         self.seed = seed
+        self.phases = sorted(phases, key=lambda phase: phase.start)  # mixtures after the first (data.sources)
         self.block_size = cfg.seq_len + 1
-        self.train_sources: list[Source] = []
+        self.train_sources: list[Source] = []  # the sources of every phase, each once
         self.val_sources: list[Source] = []
-        self.order: DataOrder | None = None
+        self.order: PhasedOrder | None = None
+        self.phase_sources: list[tuple[int, list[int], list[float]]] = []  # (first data step, sources, weights)
         self._sampler: StepBatchSampler | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None) and self.order is None:
-            self.train_sources = open_sources(self.cfg.sources, self.block_size, "data.sources")
-            if not self.train_sources:
-                raise UserError("data.sources is empty: give 'data.sources=[{path:DIR,weight:1.0},...]'.")
-            self.order = DataOrder(
-                [s.samples for s in self.train_sources],
-                [s.weight for s in self.train_sources],
-                self.cfg.global_batch_size,
-                self.seed,
+            mixtures = [(p.start, p.sources, p.key) for p in self.phases]
+            if not mixtures or mixtures[0][0] > 0:  # a switch at the very start replaces data.sources
+                if not self.cfg.sources:
+                    raise UserError("data.sources is empty: give 'data.sources=[{path:DIR,weight:1.0},...]'.")
+                mixtures.insert(0, (0, self.cfg.sources, "data.sources"))
+            by_path: dict[Path, int] = {}
+            for start, sources, key in mixtures:
+                ids = []
+                for source in open_sources(sources, self.block_size, key):
+                    resolved = source.path.resolve()
+                    if resolved not in by_path:
+                        by_path[resolved] = len(self.train_sources)
+                        self.train_sources.append(source)
+                    ids.append(by_path[resolved])
+                self.phase_sources.append((start, ids, [s.weight for s in sources]))
+            tokenizers = {s.manifest["tokenizer"]["sha256"] for s in self.train_sources}
+            if len(tokenizers) > 1:
+                keys = ", ".join(key for _, _, key in mixtures)
+                raise UserError(f"The training sources ({keys}) were tokenized with different tokenizers.")
+            self.order = PhasedOrder(
+                [s.samples for s in self.train_sources], self.phase_sources, self.cfg.global_batch_size, self.seed
             )
         if not self.val_sources and self.cfg.val_sources:
             self.val_sources = open_sources(self.cfg.val_sources, self.block_size, "data.val_sources")

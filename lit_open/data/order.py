@@ -73,15 +73,44 @@ class Permutation:
         return x.astype(np.int64)
 
 
-class DataOrder:
+class GlobalOrder:
+    """Global batches as a pure function of the batch number; each data-parallel rank reads a contiguous slice."""
+
+    global_batch_size: int
+
+    def global_batch(self, step: int) -> np.ndarray:
+        """The samples of global batch `step`: an int64 array of shape (global_batch_size, 2) of (source, index)."""
+        raise NotImplementedError
+
+    def rank_slice(self, step: int, rank: int, world_size: int) -> np.ndarray:
+        """This data-parallel rank's contiguous share of global batch `step`."""
+        per_rank = self.global_batch_size // world_size
+        return self.global_batch(step)[rank * per_rank : (rank + 1) * per_rank]
+
+
+class DataOrder(GlobalOrder):
     """Global batches of a weighted mixture of sources, as a pure function of the batch number."""
 
-    def __init__(self, source_sizes: list[int], weights: list[float], global_batch_size: int, seed: int) -> None:
+    def __init__(
+        self,
+        source_sizes: list[int],
+        weights: list[float],
+        global_batch_size: int,
+        seed: int,
+        *,
+        source_ids: list[int] | None = None,
+        start_positions: list[int] | None = None,
+    ) -> None:
+        """source_ids: the sources' numbers in the batches it returns and in their permutations' keys (default
+        0..n-1); start_positions: samples of each source already read (by an earlier phase of the run), where its
+        stream continues."""
         if len(source_sizes) != len(weights) or not source_sizes:
             raise ValueError("need one weight per source and at least one source")
         if min(source_sizes) < 1:
             raise ValueError(f"every source needs at least one sample, got sizes {source_sizes}")
         self.sizes = list(source_sizes)
+        self.source_ids = np.asarray(source_ids if source_ids is not None else range(len(source_sizes)), np.int64)
+        self.start_positions = np.asarray(start_positions or [0] * len(source_sizes), dtype=np.int64)
         self.weights = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
         self.global_batch_size = global_batch_size
         self.seed = seed
@@ -120,23 +149,64 @@ class DataOrder:
         """The samples of global batch `step`: an int64 array of shape (global_batch_size, 2) of (source, index)."""
         offset = step % self.period_steps
         sources = self._period_sources[offset * self.global_batch_size : (offset + 1) * self.global_batch_size]
-        position = self.consumed_before(step)[sources] + self._ordinal_in_step[offset]
+        position = self.start_positions[sources] + self.consumed_before(step)[sources] + self._ordinal_in_step[offset]
         epoch, within = np.divmod(position, np.asarray(self.sizes)[sources])
         index = np.empty_like(position)
         for source, e in np.unique(np.stack([sources, epoch], axis=1), axis=0):
             at = (sources == source) & (epoch == e)
             index[at] = self._permutation(int(source), int(e))(within[at])
-        return np.stack([sources.astype(np.int64), index], axis=1)
+        return np.stack([self.source_ids[sources], index], axis=1)
 
     def _permutation(self, source: int, epoch: int) -> Permutation:
         key = (source, epoch)
         if key not in self._permutations:
             if len(self._permutations) > 64:  # keep the cache small across many epochs of small sources
                 self._permutations.clear()
-            self._permutations[key] = Permutation(self.sizes[source], hash_key(self.seed, source, epoch))
+            permutation_key = hash_key(self.seed, int(self.source_ids[source]), epoch)
+            self._permutations[key] = Permutation(self.sizes[source], permutation_key)
         return self._permutations[key]
 
-    def rank_slice(self, step: int, rank: int, world_size: int) -> np.ndarray:
-        """This data-parallel rank's contiguous share of global batch `step`."""
-        per_rank = self.global_batch_size // world_size
-        return self.global_batch(step)[rank * per_rank : (rank + 1) * per_rank]
+
+class PhasedOrder(GlobalOrder):
+    """Mixtures that follow each other in one run: phase k supplies global batches [starts[k], starts[k+1]).
+
+    Each phase mixes its own sources with its own weights (e.g. an anneal switching to a high-quality mix). The
+    sources of all phases are numbered together; a source shared by several phases continues its stream where the
+    earlier phases left it (same permutations, next positions), so no sample repeats before its epoch is over.
+    """
+
+    def __init__(
+        self,
+        sizes: list[int],
+        phases: list[tuple[int, list[int], list[float]]],
+        global_batch_size: int,
+        seed: int,
+    ) -> None:
+        """sizes: samples of every source of the run; phases: (first global batch, source numbers, weights),
+        the first starting at 0, in increasing order."""
+        if not phases or phases[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(phases, phases[1:])):
+            raise ValueError(f"phases must start at global batch 0 and increase, got starts {[p[0] for p in phases]}")
+        self.sizes = list(sizes)
+        self.global_batch_size = global_batch_size
+        self.starts = [start for start, _, _ in phases]
+        self.phases: list[DataOrder] = []
+        read = np.zeros(len(sizes), dtype=np.int64)  # samples of each source read by the phases so far
+        for k, (start, ids, weights) in enumerate(phases):
+            order = DataOrder(
+                [sizes[i] for i in ids],
+                weights,
+                global_batch_size,
+                seed,
+                source_ids=ids,
+                start_positions=read[ids].tolist(),
+            )
+            self.phases.append(order)
+            if k + 1 < len(phases):
+                read[ids] += order.consumed_before(phases[k + 1][0] - start)
+
+    def phase_of(self, step: int) -> int:
+        return int(np.searchsorted(self.starts, step, side="right")) - 1
+
+    def global_batch(self, step: int) -> np.ndarray:
+        k = self.phase_of(step)
+        return self.phases[k].global_batch(step - self.starts[k])

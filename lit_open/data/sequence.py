@@ -1,6 +1,7 @@
 """`<run.dir>/data_sequence/`: which samples went into each optimizer step, as LLM360 publishes it.
 
-Layout: `sources.json` (the sources, their weights and sizes, seq_len, the seed) and one JSON-lines file per
+Layout: `sources.json` (the sources, their weights and sizes, seq_len, the seed, and the mixture phases: from which
+global batch on which sources are mixed with which weights) and one JSON-lines file per
 1000 global batches, `NNNNNNNN.jsonl`, with lines `{"data_step": d, "step": s, "samples": [[source, index], ...]}`
 (`data_step`: the global batch; `step`: the optimizer step it fed; `index`: the sample of seq_len + 1 tokens
 within its source, i.e. tokens [index * (seq_len + 1), (index + 1) * (seq_len + 1)) of that source's stream).
@@ -63,6 +64,11 @@ class DataSequenceLog(Callback):
                     "tokenizer_sha256": s.manifest["tokenizer"]["sha256"],
                 }
                 for i, s in enumerate(datamodule.train_sources)
+            ],
+            # mixtures by global batch: from data_step on, the sources with these ids and weights
+            "phases": [
+                {"data_step": start, "sources": ids, "weights": weights}
+                for start, ids, weights in datamodule.phase_sources
             ],
         }
         (self.directory / "sources.json").write_text(json.dumps(sources, indent=2) + "\n")

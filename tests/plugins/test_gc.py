@@ -95,7 +95,7 @@ def test_collects_every_n_optimizer_steps_with_automatic_gc_off(tiny_data, tmp_p
 def test_a_failing_run_gives_automatic_gc_back(tiny_data, tmp_path, monkeypatch):
     probe = Probe(crash_at_step=1)
     with pytest.raises(RuntimeError, match="injected crash"):
-        train(tiny_data, tmp_path / "run", monkeypatch, probe, "+plugins=gc")
+        train(tiny_data, tmp_path / "run", monkeypatch, probe, "plugins=[gc]")
     assert probe.enabled_in_batches == {False}
     assert gc.isenabled()
 

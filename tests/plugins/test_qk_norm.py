@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import read_metrics, run_gloo, tiny_overrides, train_losses
+from conftest import Crash, CrashAfterStep, read_metrics, run_gloo, tiny_overrides, train_losses
 
 from lit_open.compose import load_train_config
 from lit_open.config import StrategyConfig
@@ -16,7 +16,7 @@ from lit_open.events import EventLog, read_events
 from lit_open.model import ModelConfig, Transformer
 from lit_open.model.model import RMSNorm
 from lit_open.parallel import materialize, parallelize
-from lit_open.plugin import Plugin, Rollback, RolledBack, build_plugins
+from lit_open.plugin import Rollback, RolledBack, build_plugins
 from lit_open.plugins.qk_norm import QKNorm
 from lit_open.train import run
 
@@ -232,7 +232,7 @@ def test_options_are_validated():
     assert cfg.plugins["qk_norm"]["_target_"] == "lit_open.plugins.qk_norm.QKNorm"
     (plugin,) = build_plugins(cfg.plugins)
     assert isinstance(plugin, QKNorm) and (plugin.cfg.mode, plugin.cfg.ramp_steps) == ("head", 0)
-    defaults = build_plugins(load_train_config(["+plugins=qk_norm"]).plugins)[0].cfg
+    defaults = build_plugins(load_train_config(["plugins=[qk_norm]"]).plugins)[0].cfg
     assert (defaults.mode, defaults.ramp_steps, defaults.start, defaults.calibrate) == ("full", 100, "now", True)
     bad = {
         "mode=diag": r"plugins\.qk_norm\.mode='diag'.*full.*head",
@@ -253,22 +253,6 @@ def test_options_are_validated():
 
 
 # -- training runs --------------------------------------------------------------------------------------------
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAfterStep(Plugin):
-    name = "crash"
-
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            raise Crash(f"injected after step {self.step}")
 
 
 @pytest.mark.slow

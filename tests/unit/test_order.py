@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lit_open.data.order import DataOrder, Permutation
+from lit_open.data.order import DataOrder, Permutation, PhasedOrder
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 16, 17, 1000, 4097, 65537])
@@ -68,3 +68,33 @@ def test_rank_slices_partition_the_global_batch(world_size):
     assert np.array_equal(np.concatenate(slices), order.global_batch(9))
     seen = {tuple(x) for s in slices for x in s}
     assert len(seen) == 32  # disjoint
+
+
+# -- phases: a mixture switch at a given global batch (e.g. an anneal's high-quality mix) ------------------------
+
+
+def test_one_phase_is_the_plain_order():
+    phased = PhasedOrder([300, 200], [(0, [0, 1], [0.6, 0.4])], 32, seed=11)
+    plain = DataOrder([300, 200], [0.6, 0.4], 32, seed=11)
+    for step in (0, 1, 7, 50):
+        assert np.array_equal(phased.global_batch(step), plain.global_batch(step))
+
+
+def test_switch_draws_only_the_new_mixture_and_a_shared_source_continues_its_stream():
+    # source 0 (1000 samples) alone for 10 batches of 16, then half source 0, half source 1 (new)
+    phased = PhasedOrder([1000, 500], [(0, [0], [1.0]), (10, [0, 1], [0.5, 0.5])], 16, seed=3)
+    before = np.concatenate([phased.global_batch(s) for s in range(10)])
+    after = np.concatenate([phased.global_batch(s) for s in range(10, 40)])
+    assert set(before[:, 0].tolist()) == {0}
+    assert np.bincount(after[:, 0], minlength=2).tolist() == [240, 240]  # the new weights, exactly
+    # 160 + 240 = 400 samples of source 0, all distinct: the second phase did not start its epoch over
+    read = np.concatenate([before[before[:, 0] == 0, 1], after[after[:, 0] == 0, 1]])
+    assert len(read) == 400 and len(np.unique(read)) == 400
+    # and they are the first 400 of source 0's epoch-0 permutation, as if the run had read it without a switch
+    alone = np.concatenate([DataOrder([1000], [1.0], 16, seed=3).global_batch(s) for s in range(25)])
+    assert sorted(read.tolist()) == sorted(alone[:, 1].tolist())
+
+
+def test_phases_must_start_at_zero_and_increase():
+    with pytest.raises(ValueError, match="start at global batch 0"):
+        PhasedOrder([10], [(5, [0], [1.0])], 2, seed=0)
