@@ -18,10 +18,13 @@ commands:
             `lit-open train --config RUN_DIR/config.yaml [key=value ...]` reruns or continues a run.
   prepare   tokenize text into litdata chunks:
             `lit-open prepare inputs=[a.jsonl,dir/,stdlib] output=DIR [tokenizer=tokenizer.json] [val_fraction=0.01]`
-  eval      held-out loss of a checkpoint: `lit-open eval checkpoint=RUN_DIR/checkpoints/step-00000300.ckpt`
+  eval      held-out loss of a checkpoint: `lit-open eval checkpoint=RUN_DIR/checkpoints/step-00000300.ckpt`;
+            lm-eval benchmarks of a run checkpoint or a Hugging Face directory (hf:/dir):
+            `lit-open eval checkpoint=CKPT_OR_HF tasks=[hellaswag,my_tasks/] [limit=200] [num_fewshot=0] [out=FILE]`
   convert   a run checkpoint to a Hugging Face directory, or a Hugging Face checkpoint to lit-open weights:
             `lit-open convert source=RUN_DIR/checkpoints/step-00000300.ckpt out=DIR [dtype=bfloat16]`
             `lit-open convert source=hf:EleutherAI/pythia-160m@step3000 out=pythia.ckpt`
+  report    curves of a run (PNG + HTML), other runs overlaid: `lit-open report run.dir=RUN_DIR [compare=[DIR,...]]`
   list      `lit-open list recipes|models|plugins`
 
 Overrides are Hydra's: key=value, +key=value (add a key), recipe=NAME, model=NAME, plugins=[a,b], +plugins=c.
@@ -57,9 +60,14 @@ def main(argv: list[str] | None = None) -> None:
             from lit_open.convert import convert
 
             convert(args)
+        elif command == "report":
+            from lit_open.report import report_command
+
+            report_command(args)
         else:
             raise UserError(
-                f"Unknown command {command!r}. Commands: train, prepare, eval, convert, list (see lit-open --help)."
+                f"Unknown command {command!r}. Commands: train, prepare, eval, convert, report, list "
+                "(see lit-open --help)."
             )
     except UserError as err:
         if debug:
@@ -67,10 +75,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lit-open: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(
-            "lit-open: interrupted; the newest complete checkpoint is intact (resume=auto continues from it)",
-            file=sys.stderr,
-        )
+        consequence = {
+            "train": "the newest complete checkpoint is intact (resume=auto continues from it)",
+            "prepare": "nothing was written (the output directory appears only once complete)",
+        }.get(command, "stopped")
+        print(f"lit-open: interrupted; {consequence}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -88,13 +97,20 @@ def _train(args: list[str]) -> None:
 
 
 def _eval(args: list[str]) -> None:
-    from lit_open.evaluate import evaluate
+    from lit_open.evaluate import evaluate, evaluate_tasks
 
     _quiet_lightning()
     checkpoints = [a.split("=", 1)[1] for a in args if a.startswith("checkpoint=")]
     if not checkpoints:
-        raise UserError("lit-open eval needs checkpoint=PATH (a file in <run.dir>/checkpoints/).")
-    evaluate(checkpoints[-1], [a for a in args if not a.startswith("checkpoint=")])
+        raise UserError(
+            "lit-open eval needs checkpoint=PATH (a file in <run.dir>/checkpoints/, or with tasks=[...] also a "
+            "Hugging Face directory)."
+        )
+    rest = [a for a in args if not a.startswith("checkpoint=")]
+    if any(a.startswith("tasks=") for a in rest):
+        evaluate_tasks(checkpoints[-1], rest)
+    else:
+        evaluate(checkpoints[-1], rest)
 
 
 def _list(args: list[str]) -> None:

@@ -111,6 +111,9 @@ def load_train_config(overrides: list[str], config_file: str | Path | None = Non
         del cfg["hydra"]
         if recipe:
             cfg.run.recipe = recipe
+        # a recipe's options for a plugin the user deselected (plugins=[...]) stay behind without a _target_
+        for name in [n for n, spec in (cfg.get("plugins") or {}).items() if "_target_" not in spec]:
+            del cfg.plugins[name]
     typed = validate(cfg)
     if typed.init_from:
         from lit_open.checkpoint.source import apply_init_source

@@ -1,13 +1,22 @@
-"""`lit-open eval`: score a training checkpoint on held-out data (loss and perplexity)."""
+"""`lit-open eval`: score a checkpoint on held-out data (loss and perplexity) or on lm-eval benchmarks.
+
+`lit-open eval checkpoint=RUN_CKPT` gives the held-out loss of a run checkpoint on its run's validation sources.
+`lit-open eval checkpoint=SOURCE tasks=[...]` runs lm-eval tasks (names or local task directories) through the
+adapter the in-loop `lm_eval` plugin uses, so its numbers equal the plugin's at that step: SOURCE is a run
+checkpoint (single-file `.ckpt` or sharded directory) or a Hugging Face directory (`hf:/dir`, or a directory with
+config.json).
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from omegaconf import OmegaConf
 
 from lit_open.checkpoint.resumable import read_checkpoint
@@ -24,6 +33,11 @@ def evaluate(checkpoint: str | Path, overrides: list[str]) -> dict[str, Any]:
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise UserError(f"checkpoint={str(checkpoint)!r}: no such file. Give a checkpoint from <run.dir>/checkpoints/.")
+    if (path / "config.json").is_file():
+        raise UserError(
+            f"checkpoint={str(checkpoint)!r} is a Hugging Face directory, which has no held-out data of its own: "
+            "give tasks=[...] to benchmark it with lm-eval, or a run checkpoint for the held-out loss."
+        )
     saved = read_checkpoint(path)
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / "config.yaml"
@@ -69,3 +83,115 @@ def evaluate(checkpoint: str | Path, overrides: list[str]) -> dict[str, Any]:
         f"over up to {cfg.data.val_samples} sequences of {cfg.data.seq_len} tokens"
     )
     return result
+
+
+TASK_OPTIONS = ("tasks", "limit", "batch_size", "num_fewshot", "max_gen_tokens", "tokenizer", "out")
+
+
+def evaluate_tasks(checkpoint: str, args: list[str]) -> dict[str, Any]:
+    """lm-eval `tasks=[...]` on a run checkpoint or a Hugging Face directory, as the lm_eval plugin scores them.
+
+    args: tasks=[a,b] and optionally limit=N, batch_size=N, num_fewshot=N, max_gen_tokens=N, tokenizer=PATH (the
+    tokenizer.json, default: the run's or the directory's), out=FILE (the results as JSON).
+    """
+    from lit_open.eval.harness import PREPARED, LitOpenLM, load_tasks, resolve_tasks, run_tasks, tokenizer_and_eos
+
+    options = _task_options(args)
+    given_now = [t for t in options["tasks"] if not str(t).startswith(PREPARED)]
+    if given_now:
+        resolve_tasks(given_now, "tasks")  # a mistake in them shows before the model loads
+    model, step, tokenizer_dir = _load_model(checkpoint)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    tokenizer_path = options.get("tokenizer") or tokenizer_dir
+    if tokenizer_path is None:
+        raise UserError(
+            f"No tokenizer found for checkpoint={checkpoint}: give tokenizer=PATH (the tokenizer.json the model was "
+            "trained with)."
+        )
+    tokenizer, eos_id = tokenizer_and_eos(tokenizer_path)
+    data_dir = Path(tokenizer_path) if Path(tokenizer_path).is_dir() else Path(tokenizer_path).parent
+    task_dict = load_tasks(resolve_tasks(options["tasks"], "tasks", data_dir), options.get("num_fewshot"))
+    lm = LitOpenLM(
+        model,
+        tokenizer,
+        eos_id,
+        batch_size=options.get("batch_size", 8),
+        max_gen_tokens=options.get("max_gen_tokens", 32),
+    )
+    outcome = run_tasks(lm, task_dict, options.get("limit"))
+    result = {"checkpoint": str(checkpoint), "step": step, "metrics": outcome.metrics, "seconds": outcome.seconds}
+    for key, value in outcome.metrics.items():
+        console.print(f"{key:<48} {value:.6g}")
+    console.print(f"{checkpoint} (step {step}): {len(task_dict['tasks'])} task(s) in {outcome.seconds:.1f} s")
+    if options.get("out"):
+        out = Path(options["out"]).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({**result, "lm_eval": outcome.results}, indent=2, default=str) + "\n")
+    return result
+
+
+def _task_options(args: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in TASK_OPTIONS:
+            raise UserError(
+                f"lit-open eval: {arg!r} is not an option with tasks=. Give checkpoint=PATH tasks=[NAME_OR_DIR,...] "
+                "[limit=N] [batch_size=N] [num_fewshot=N] [max_gen_tokens=N] [tokenizer=TOKENIZER_JSON] [out=FILE]."
+            )
+        if key == "tasks":
+            options[key] = [
+                t.strip() for t in value.strip().removeprefix("[").removesuffix("]").split(",") if t.strip()
+            ]
+        elif key in ("tokenizer", "out"):
+            options[key] = value
+        elif value == "null" and key in ("limit", "num_fewshot"):
+            options[key] = None
+        else:
+            try:
+                options[key] = int(value)
+            except ValueError:
+                raise UserError(f"lit-open eval: {key}={value!r} must be a whole number.") from None
+            if options[key] < (0 if key == "num_fewshot" else 1):
+                raise UserError(f"lit-open eval: {key}={value} must be {'0' if key == 'num_fewshot' else '1'} or more.")
+    return options
+
+
+def _load_model(checkpoint: str) -> tuple[Any, int | None, Path | None]:
+    """The Transformer of a run checkpoint or a Hugging Face directory (on the CPU, in eval mode), its step (None
+    when unknown) and the directory of its tokenizer (None when not found)."""
+    from lit_open.checkpoint.source import open_source, read_weights
+    from lit_open.convert import run_tokenizer_dir
+    from lit_open.model import Transformer
+    from lit_open.model.model import rope_tables
+
+    source = open_source(checkpoint)
+    if source.kind == "hf":
+        from lit_open.checkpoint.hf import load_hf
+
+        metadata = source.path / "lit_open.json"
+        step = json.loads(metadata.read_text()).get("step") if metadata.is_file() else None
+        tokenizer = source.tokenizer.parent if source.tokenizer is not None else None
+        return load_hf(source.path), step, tokenizer
+    saved = read_checkpoint(source.path)
+    step, run_config = saved["global_step"], saved[CHECKPOINT_KEY].get("config", {})
+    del saved
+    state, _ = read_weights(source)
+    with torch.device("meta"):
+        model = Transformer(source.model)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:
+        raise UserError(
+            f"checkpoint={checkpoint}: its weights do not fit the architecture in its config ({str(err)[:300]}); "
+            "a plugin may have changed the architecture (qk_norm, ...): export it with the release plugin and "
+            "evaluate the Hugging Face directory."
+        ) from None
+    if source.model.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    config = source.model
+    cos, sin = rope_tables(config.max_seq_len, config.rotary_dim, config.rope_theta)  # not saved: derived
+    dtype = model.tok_embeddings.weight.dtype
+    model.rope_cos, model.rope_sin = cos.to(dtype), sin.to(dtype)
+    return model.eval(), step, run_tokenizer_dir(run_config)

@@ -255,7 +255,7 @@ class LitLM(L.LightningModule):
         row.update({f"train/{k}": float(v) for k, v in means.items() if k != "loss"})
         for plugin in self.plugins:
             row.update(plugin.step_metrics(self.trainer, self))
-        self._log_row(row)
+        self.log_row(row)
 
     # -- rollback ------------------------------------------------------------------------------------------
     def _take_snapshot(self) -> None:
@@ -351,17 +351,19 @@ class LitLM(L.LightningModule):
             return
         loss = float(self.val_loss.compute())
         self.val_loss.reset()
-        self._log_row({"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))})
+        self.log_row({"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))})
 
     def on_validation_end(self) -> None:
         self._step_clock = None  # validation time is not training time: restart the clock at the next step
 
-    def _log_row(self, row: dict[str, float]) -> None:
-        """One row per optimizer step to every logger, keyed by the optimizer step (not the micro-batch)."""
+    def log_row(self, row: dict[str, float]) -> None:
+        """One row to every logger, keyed by the optimizer step (not the micro-batch): the step's metrics, a
+        validation's, or a plugin's measurement outside an update (e.g. a benchmark before the first step).
+        Train and held-out loss and benchmark scores (`eval/...`) are also kept for the run's summary."""
         self.last_metrics.update(row)
-        for key in self.history:
-            if key in row:
-                self.history[key].append((self.global_step, row[key]))
+        for key, value in row.items():
+            if key in self.history or key.startswith("eval/"):
+                self.history.setdefault(key, []).append((self.global_step, value))
         if self.trainer.is_global_zero:
             for logger in self.trainer.loggers:
                 logger.log_metrics(row, step=self.global_step)

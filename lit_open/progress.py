@@ -11,6 +11,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+def trainer_console(trainer: Trainer) -> Console:
+    """The progress display's console when there is one, so that a line printed during a live bar lands above it."""
+    for callback in trainer.callbacks:
+        console = getattr(callback, "console", None)
+        if isinstance(console, Console):
+            return console
+    return Console(file=sys.stderr)
+
+
 def format_metrics(metrics: dict[str, float]) -> str:
     parts = []
     for key, label, fmt in (

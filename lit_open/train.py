@@ -317,6 +317,12 @@ def summarize(cfg: TrainConfig, module: LitLM, trainer: L.Trainer, run_dir: Path
         "val_loss_first": val[0][1] if val else None,
         "val_loss_last": val[-1][1] if val else None,
         "val_ppl_last": math.exp(val[-1][1]) if val else None,
+        # benchmark scores, first and last of this session (the lm_eval plugin)
+        "evals": {
+            key.removeprefix("eval/"): (values[0][1], values[-1][1])
+            for key, values in module.history.items()
+            if values and key.startswith("eval/")
+        },
         "checkpoint": str(checkpoints / latest) if latest else None,
         "config": str(run_dir / "config.yaml"),
     }
@@ -334,7 +340,8 @@ def print_summary(s: dict[str, Any]) -> None:
         f"({s['steps_this_session']:,} steps in {s['train_seconds']:.0f} s this session, "
         f"{s['tokens_per_s']:,.0f} tokens/s)\n"
         f"  train loss {loss(s['train_loss_first'], s['train_loss_last'])}{val}\n"
-        f"  run directory: {s['run_dir']}  (config.yaml, checkpoints/, logs/metrics.csv, events.jsonl, "
+        + "".join(f"  benchmark {name} {first:.4g} -> {last:.4g}\n" for name, (first, last) in s["evals"].items())
+        + f"  run directory: {s['run_dir']}  (config.yaml, checkpoints/, logs/metrics.csv, events.jsonl, "
         "data_sequence/)\n"
         f"  continue training: lit-open train --config {s['config']} trainer.max_steps={2 * s['steps']}\n"
         + (f"  evaluate:          lit-open eval checkpoint={s['checkpoint']}" if s["checkpoint"] else "")

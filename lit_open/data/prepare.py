@@ -6,6 +6,7 @@ Output layout (built in `<output>.tmp-<pid>` and renamed to `<output>` only when
     <output>/train/                litdata chunks (TokensLoader), one 1-D array per document, EOS after each
     <output>/train/manifest.json   counts per source, tokenizer hash, dtype, ... (see `read_manifest`)
     <output>/val/                  the same for the held-out documents, only when val_fraction > 0
+    <output>/tasks/next_line/      an lm-eval task made from held-out documents (see lit_open.data.next_line)
 
 Tokenizing runs in litdata `optimize` workers (spawned processes). Each work item is a run of consecutive input
 files; the worker function yields one array per document and, when a run is done, writes that run's per-file
@@ -18,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import multiprocessing
 import os
@@ -37,6 +39,7 @@ from rich.console import Console
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lit_open.config import PrepareConfig
+from lit_open.data.next_line import TASK_NAME, write_next_line_task
 from lit_open.data.readers import InputFile, discover, is_held_out, iter_documents
 from lit_open.errors import UserError
 
@@ -134,6 +137,9 @@ def prepare(cfg: PrepareConfig) -> Path:
             }
             stats["val"] = _write_split(replace(job, split="val"), sizes, tmp, cfg)
 
+            with_held_out = [i for i, s in stats["train"].items() if s.other]
+            _write_heldout_task(cfg, [files[i] for i in with_held_out], tmp / "tasks" / TASK_NAME)
+
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         for split, per_file in stats.items():
             manifest = _manifest(cfg, split, sources, per_file, dtype, tokenizer_info, created)
@@ -150,6 +156,20 @@ def prepare(cfg: PrepareConfig) -> Path:
         parts.append(f"{split} {docs:,} documents / {tokens:,} tokens")
     console.print(f"Prepared {output}: {', '.join(parts)} ({dtype}) in {time.perf_counter() - start:.1f} s.")
     return output
+
+
+def _write_heldout_task(cfg: PrepareConfig, files: list[InputFile], out_dir: Path) -> None:
+    """The next-line benchmark from (up to 400 of) the held-out documents, for in-loop evaluation."""
+
+    def held_out() -> Iterator[tuple[str, str]]:
+        for f in files:
+            for index, text in iter_documents(f.path, cfg.text_key):
+                if is_held_out(f.key, index, cfg.val_fraction):
+                    yield f"{f.key}:{index}", text
+
+    items = write_next_line_task(itertools.islice(held_out(), 400), out_dir, seed=0)
+    if items:
+        console.print(f"  wrote an lm-eval task of {items} items from held-out documents: tasks/{TASK_NAME}/")
 
 
 def read_manifest(split_dir: str | Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ def assert_user_error(result, *fragments):
 def test_help_and_listing():
     result = run_cli("--help")
     assert result.returncode == 0 and "lit-open COMMAND" in result.stdout
-    assert_user_error(run_cli("fly"), "Unknown command 'fly'", "train, prepare, eval, convert, list")
+    assert_user_error(run_cli("fly"), "Unknown command 'fly'", "train, prepare, eval, convert, report, list")
     recipes = run_cli("list", "recipes").stdout.splitlines()
     assert [line.split()[0] for line in recipes] == [
         "amber_7b",
