@@ -160,3 +160,13 @@ class SnapshotRing:
 
     def drop_after(self, step: int) -> None:
         self.snapshots = [s for s in self.snapshots if s.step <= step]
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on the CPU (gathered from every rank when sharded; complete on rank 0)."""
+    state = model.state_dict()
+    if any(isinstance(t, DTensor) for t in state.values()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}

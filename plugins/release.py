@@ -31,12 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.distributed.tensor import DTensor
-
 from lit_open.convert import DTYPES, run_tokenizer_dir
 from lit_open.errors import UserError
 from lit_open.plugin import Plugin
+from lit_open.state import full_state_dict
 
 
 class Release(Plugin):
@@ -102,7 +100,7 @@ class Release(Plugin):
 
         step = trainer.global_step
         self._last_step = step
-        state = _full_state_dict(pl_module.model)
+        state = full_state_dict(pl_module.model)
         out = Path(trainer.default_root_dir) / "hf" / f"step-{step:08d}"
         if trainer.is_global_zero:
             started = time.perf_counter()
@@ -147,13 +145,3 @@ class Release(Plugin):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.released = list(state["released"])
-
-
-def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights on the CPU (gathered from every rank when sharded; complete on rank 0)."""
-    state = model.state_dict()
-    if any(isinstance(t, DTensor) for t in state.values()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}

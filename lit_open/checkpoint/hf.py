@@ -59,7 +59,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,6 +66,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_open.checkpoint.atomic import atomic_directory
 from lit_open.errors import UserError
 from lit_open.model.config import ModelConfig
 from lit_open.model.model import Transformer, rope_tables
@@ -894,10 +894,7 @@ def save_hf(
     token_ids = _special_token_ids(tokenizer) if tokenizer else {}
     hf_cfg.update(token_ids)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+    with atomic_directory(out) as tmp:
         _write_weights(tmp, hf_state, dtype, max_shard_size)
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
@@ -908,14 +905,4 @@ def save_hf(
             (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(token_ids, indent=2, sort_keys=True) + "\n")
         if metadata is not None:
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
