@@ -164,7 +164,6 @@ def _load_model(checkpoint: str) -> tuple[Any, int | None, Path | None]:
     from lit_open.checkpoint.source import open_source, read_weights
     from lit_open.convert import run_tokenizer_dir
     from lit_open.model import Transformer
-    from lit_open.model.model import rope_tables
 
     source = open_source(checkpoint)
     if source.kind == "hf":
@@ -181,17 +180,11 @@ def _load_model(checkpoint: str) -> tuple[Any, int | None, Path | None]:
     with torch.device("meta"):
         model = Transformer(source.model)
     try:
-        model.load_state_dict(state, strict=True, assign=True)
+        model.assign_weights(state)
     except RuntimeError as err:
         raise UserError(
             f"checkpoint={checkpoint}: its weights do not fit the architecture in its config ({str(err)[:300]}); "
             "a plugin may have changed the architecture (qk_norm, ...): export it with the release plugin and "
             "evaluate the Hugging Face directory."
         ) from None
-    if source.model.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    config = source.model
-    cos, sin = rope_tables(config.max_seq_len, config.rotary_dim, config.rope_theta)  # not saved: derived
-    dtype = model.tok_embeddings.weight.dtype
-    model.rope_cos, model.rope_sin = cos.to(dtype), sin.to(dtype)
-    return model.eval(), step, run_tokenizer_dir(run_config)
+    return model, step, run_tokenizer_dir(run_config)

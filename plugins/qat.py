@@ -48,7 +48,6 @@ from torch import nn
 from lit_open.checkpoint.atomic import atomic_directory
 from lit_open.errors import UserError
 from lit_open.model import ModelConfig, Transformer
-from lit_open.model.model import rope_tables
 from lit_open.plugin import Plugin
 from lit_open.state import full_state_dict
 
@@ -100,15 +99,7 @@ def load_quantized(path: str | Path) -> Transformer:
     with torch.device("meta"):  # the saved tensors replace the parameters: nothing is allocated twice
         model = Transformer(config)
     quantize(model, meta["scheme"], meta["group_size"], meta["layers"])
-    model.load_state_dict(torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True), assign=True)
-    if config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    # the RoPE tables are derived from the config, not saved
-    cos, sin = rope_tables(config.max_seq_len, config.rotary_dim, config.rope_theta)
-    dtype = model.tok_embeddings.weight.dtype
-    model.register_buffer("rope_cos", cos.to(dtype), persistent=False)
-    model.register_buffer("rope_sin", sin.to(dtype), persistent=False)
-    return model.eval()
+    return model.assign_weights(torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True))
 
 
 class QAT(Plugin):

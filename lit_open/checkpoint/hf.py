@@ -69,7 +69,7 @@ from torch import nn
 from lit_open.checkpoint.atomic import atomic_directory
 from lit_open.errors import UserError
 from lit_open.model.config import ModelConfig
-from lit_open.model.model import Transformer, rope_tables
+from lit_open.model.model import Transformer
 
 HF_PREFIX = "hf:"
 CONFIG_FILE = "config.json"
@@ -746,13 +746,7 @@ def load_hf(source: str | Path, revision: str | None = None, dtype: torch.dtype 
     state = read_state_dict(directory, config, dtype)
     with torch.device("meta"):
         model = Transformer(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    cos, sin = rope_tables(config.max_seq_len, config.rotary_dim, config.rope_theta)
-    buffer_dtype = model.tok_embeddings.weight.dtype  # as model.to(dtype) would leave them
-    model.rope_cos, model.rope_sin = cos.to(buffer_dtype), sin.to(buffer_dtype)
-    return model.eval()
+    return model.assign_weights(state)
 
 
 # ---------------------------------------------------------------------------------------------------------------

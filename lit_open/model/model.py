@@ -53,6 +53,19 @@ class Transformer(nn.Module):
         x = self.norm(x)
         return x if return_hidden else self.output(x)
 
+    def assign_weights(self, state: dict[str, torch.Tensor]) -> Transformer:
+        """Take `state`'s tensors as the parameters of a model built on the meta device (nothing is allocated
+        twice), tie the head again if configured, derive the RoPE tables (not saved); return it in eval mode.
+        A state that does not fit the architecture raises RuntimeError (load_state_dict's, strict)."""
+        self.load_state_dict(state, strict=True, assign=True)
+        c = self.config
+        if c.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(c.max_seq_len, c.rotary_dim, c.rope_theta)
+        dtype = self.tok_embeddings.weight.dtype  # as model.to(dtype) would leave the buffers
+        self.rope_cos, self.rope_sin = cos.to(dtype), sin.to(dtype)
+        return self.eval()
+
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, write: Callable[[torch.Tensor, torch.Tensor], None] | None = None):
         """Draw every parameter afresh and recompute the RoPE tables; a no-op on the meta device.
