@@ -99,7 +99,7 @@ def describe_device(device_type: str) -> dict[str, Any]:
             "capability": list(torch.cuda.get_device_capability()),
             "count": torch.cuda.device_count(),
         }
-    from lit_open.bench.throughput import cpu_name
+    from lit_open.bench.measure import cpu_name
 
     return {"type": "cpu", "name": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from lit_open.bench.measure import max_rss_bytes
 from lit_open.errors import UserError
 from lit_open.loss import lm_loss, naive_lm_loss
 
@@ -96,7 +96,7 @@ def measure_step(
 def _peak_memory_bytes(device: str) -> int:
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # KiB
+    return max_rss_bytes()
 
 
 def _measure_in_fresh_process(variant: str, config: dict) -> dict:

@@ -1,4 +1,4 @@
-"""`python -m lit_open.bench`: the throughput JSON, its FLOP formula and peak table, and the loss-memory dispatch."""
+"""`python -m lit_open.bench`: the throughput JSON and runners, the FLOP formula and peak table, loss-memory."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import pytest
 
 from lit_open.bench import throughput
 from lit_open.bench.__main__ import build_parser, main
-from lit_open.bench.throughput import flops_per_token, non_embedding_parameters, peak_flops
+from lit_open.bench.runners import litgpt_unavailable
 from lit_open.compose import load_train_config
 from lit_open.errors import UserError
+from lit_open.hardware import compute_dtype, peak_flops
+from lit_open.model.flops import flops_per_token, non_embedding_parameters
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,9 +65,9 @@ def test_throughput_on_cpu_writes_json_for_lightning_and_bare(tmp_path):
         assert r["achieved_tflops"] == pytest.approx(expected * r["tokens_per_s"] / 1e12)
         assert r["mfu"] is None
         assert r["peak_memory_gib"] > 0
-        assert math.isfinite(r["loss"]) and r["loss_finite"]
-        losses[name] = r["loss"]
-    # same model, seed, data, optimizer and schedule: Lightning and the bare loop reach the same loss
+        assert math.isfinite(r["first_loss"]) and math.isfinite(r["loss"]) and r["loss_finite"]
+        losses[name] = (r["first_loss"], r["loss"])
+    # same model, seed, data, optimizer and schedule: Lightning and the bare loop start from and reach the same loss
     assert losses["lightning"] == pytest.approx(losses["bare"], rel=1e-5)
     overhead = results["lightning_overhead_pct"]
     assert overhead == pytest.approx(100 * (runners["lightning"]["seconds"] / runners["bare"]["seconds"] - 1))
@@ -102,6 +104,28 @@ def test_peak_table_lookup():
     assert peak_flops("NVIDIA H100 80GB HBM3", "fp32") == pytest.approx(66.9e12)
     assert peak_flops("Some Future Accelerator") is None
     assert peak_flops(None) is None
+
+
+def test_compute_dtype_is_bf16_for_bf16_and_float8_matmuls():
+    assert compute_dtype(load_train_config(["trainer.precision=bf16-mixed"])) == "bf16"
+    assert compute_dtype(load_train_config(["trainer.precision=32-true", "strategy.float8=tensorwise"])) == "bf16"
+    assert compute_dtype(load_train_config(["trainer.precision=32-true"])) in ("tf32", "fp32")
+
+
+def test_litgpt_runner_starts_from_the_loss_of_the_lit_open_runners():
+    """litgpt's GPT, initialised as litgpt pretrains it, starts near ln(vocab) like lit-open's model (same sizes,
+    same batches). With PyTorch's default initialisation (embedding ~ N(0, 1), tied to the head) it started at 244."""
+    if why := litgpt_unavailable():
+        pytest.skip(why)
+    args = ["throughput", "--model", "quickstart", "--micro-batch", "2", "--seq-len", "64", "--steps", "1"]
+    args += ["--warmup", "1", "--device", "cpu", "--runners", "bare,litgpt"]
+    runners = throughput.run(build_parser("throughput").parse_args(args))["results"]["runners"]
+    bare, litgpt = runners["bare"], runners["litgpt"]
+    assert litgpt["status"] == "ok", litgpt
+    assert bare["first_loss"] == pytest.approx(math.log(1024), abs=0.3)  # quickstart's vocabulary: 1024 tokens
+    # different random weights, the same scale: a few tenths apart (0.15 when this was written), not 237
+    assert litgpt["first_loss"] == pytest.approx(bare["first_loss"], abs=0.5)
+    assert litgpt["loss_finite"]
 
 
 def test_bad_runner_is_a_user_error():
