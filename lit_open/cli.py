@@ -1,4 +1,5 @@
-"""The `lit-open` console script: train, prepare, eval, convert, list; arguments after the command are overrides."""
+"""The `lit-open` console script: train, prepare, eval, convert, report, list; arguments after the command are
+`key=value` overrides (Hydra's grammar for every command)."""
 
 from __future__ import annotations
 
@@ -45,23 +46,29 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE, end="")
         sys.exit(0)
     try:
+        # each command imports what it needs when it runs: --help and the errors of the others stay instant
         if command == "train":
             _train(args)
         elif command == "prepare":
-            from lit_open.compose import load_prepare_config
+            from lit_open.compose import load_command_config
             from lit_open.data.prepare import prepare
 
-            prepare(load_prepare_config(args))
+            prepare(load_command_config("prepare", args))
         elif command == "eval":
-            _eval(args)
-        elif command == "list":
-            _list(args)
-        elif command == "convert":
-            from lit_open.convert import convert
+            from lit_open.commands.evaluate import eval_command
 
-            convert(args)
+            _quiet_lightning()
+            eval_command(args)
+        elif command == "list":
+            from lit_open.commands.listing import list_command
+
+            list_command(args)
+        elif command == "convert":
+            from lit_open.commands.convert import convert_command
+
+            convert_command(args)
         elif command == "report":
-            from lit_open.report import report_command
+            from lit_open.commands.report import report_command
 
             report_command(args)
         else:
@@ -84,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _train(args: list[str]) -> None:
-    from lit_open.compose import load_train_config
+    # imported when training: Lightning and torch take seconds to import
+    from lit_open.compose import explicit_model_keys, load_train_config
     from lit_open.train import run
 
     _quiet_lightning()
@@ -93,64 +101,7 @@ def _train(args: list[str]) -> None:
         if len(args) < 2:
             raise UserError("--config needs a path, e.g. --config runs/quickstart/config.yaml.")
         config_file, args = args[1], args[2:]
-    run(load_train_config(args, config_file=config_file))
-
-
-def _eval(args: list[str]) -> None:
-    from lit_open.evaluate import evaluate, evaluate_tasks
-
-    _quiet_lightning()
-    checkpoints = [a.split("=", 1)[1] for a in args if a.startswith("checkpoint=")]
-    if not checkpoints:
-        raise UserError(
-            "lit-open eval needs checkpoint=PATH (a file in <run.dir>/checkpoints/, or with tasks=[...] also a "
-            "Hugging Face directory)."
-        )
-    rest = [a for a in args if not a.startswith("checkpoint=")]
-    if any(a.startswith("tasks=") for a in rest):
-        evaluate_tasks(checkpoints[-1], rest)
-    else:
-        evaluate(checkpoints[-1], rest)
-
-
-def _list(args: list[str]) -> None:
-    from lit_open.compose import describe_group_entry, group_options
-
-    topics = {"recipes": "recipe", "models": "model", "plugins": "plugins"}
-    if len(args) != 1 or args[0] not in topics:
-        raise UserError("Usage: lit-open list recipes|models|plugins.")
-    group = topics[args[0]]
-    names = group_options(group)
-    if not names:
-        print(f"No {args[0]} installed.")
-        return
-    width = max(map(len, names))
-    for name in names:
-        extra = _model_size(name) if group == "model" else ""
-        print(f"{name:<{width}}  {extra}{describe_group_entry(group, name) or _plugin_doc(name)}")
-
-
-def _model_size(name: str) -> str:
-    import torch
-    from omegaconf import OmegaConf
-
-    from lit_open.compose import conf_dir
-    from lit_open.model import ModelConfig, Transformer, num_parameters
-
-    config = ModelConfig(**OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / f"{name}.yaml")))
-    with torch.device("meta"):
-        params = num_parameters(Transformer(config))
-    return f"{params / 1e9:7.2f}B  " if params >= 1e9 else f"{params / 1e6:6.1f}M  "
-
-
-def _plugin_doc(name: str) -> str:
-    from hydra.utils import get_class
-
-    from lit_open.compose import plugin_entry_points
-
-    target = plugin_entry_points().get(name)
-    doc = get_class(target).__doc__ if target else None
-    return (doc or "").strip().splitlines()[0] if doc else ""
+    run(load_train_config(args, config_file=config_file), explicit_model_keys=explicit_model_keys(args))
 
 
 def _quiet_lightning() -> None:

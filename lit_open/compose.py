@@ -1,7 +1,10 @@
-"""Hydra composition for the CLI: recipes, config groups and overrides -> a validated `TrainConfig`.
+"""Hydra composition for the CLI: recipes, config groups and overrides -> validated, typed configs.
 
 Hydra's compose API is used instead of `@hydra.main` so that one console script serves several commands and
-every composition error becomes a one-paragraph `UserError` (exit status 2) instead of a traceback.
+every composition error becomes a one-paragraph `UserError` (exit status 2) instead of a traceback. The schema of
+`conf/train.yaml` is `TrainConfig` (registered in Hydra's ConfigStore), so the group YAMLs state only what differs
+from its defaults; every installed plugin is registered in the ConfigStore from its `Config` dataclass. Composing
+does no I/O beyond reading the configs: `init_from` is resolved by `lit_open.train.run`.
 """
 
 from __future__ import annotations
@@ -18,15 +21,16 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException
 from hydra.utils import get_class
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from lit_open.config import PrepareConfig, TrainConfig, schema_keys, to_typed, validate
-from lit_open.errors import UserError
+from lit_open.config import COMMAND_SCHEMAS, TrainConfig, describe_omegaconf_error, schema_keys, to_typed, validate
+from lit_open.errors import UserError, check_choice
 
 CONFIG_MODULE = "lit_open.conf"
 PLUGIN_ENTRY_POINT_GROUP = "lit_open.plugins"
 PRIMARY = "train"
+SCHEMA = "train_schema"  # the ConfigStore name of TrainConfig, the first entry of conf/train.yaml's defaults
 GROUP_NAMES = {
     "recipe": "recipe",
     "model": "model preset",
@@ -38,6 +42,11 @@ GROUP_NAMES = {
     "logger": "logger preset",
     "plugins": "plugin",
 }
+# Groups whose choice is the `name` of what they configure: `schedule=wsd` sets schedule.name=wsd, and
+# `schedule.name=wsd` on the command line means `schedule=wsd`, so the two can never disagree.
+NAMED_GROUPS = ("optim", "schedule", "strategy")
+LISTABLE = {"recipe": "recipes", "model": "models", "plugins": "plugins"}  # group -> `lit-open list` topic
+_COULD_NOT_OVERRIDE = re.compile(r"Could not override '([^']+)'")
 
 
 def plugin_entry_points() -> dict[str, str]:
@@ -45,16 +54,32 @@ def plugin_entry_points() -> dict[str, str]:
     return {ep.name: ep.value.replace(":", ".") for ep in entry_points(group=PLUGIN_ENTRY_POINT_GROUP)}
 
 
+def plugin_class(target: str) -> type | None:
+    """The class a plugin's `_target_` names, or None when it does not import (build_plugins then says why)."""
+    try:
+        return get_class(target)
+    except Exception:  # a broken third-party plugin: composing still works, and starting the run names the error
+        return None
+
+
+def plugin_defaults(target: str) -> dict[str, Any]:
+    """A plugin's options and their defaults, from its `Config` dataclass (MISSING ones as '???')."""
+    cls = plugin_class(target)
+    config = getattr(cls, "Config", None)
+    if not dataclasses.is_dataclass(config):
+        return {}
+    return OmegaConf.to_container(OmegaConf.structured(config))  # from the class: its __post_init__ does not run
+
+
 def conf_dir() -> Path:
     return Path(str(files(CONFIG_MODULE)))
 
 
 def group_options(group: str) -> list[str]:
-    """Names selectable in a config group (YAML files, plus installed plugins for `plugins`)."""
-    names = {p.stem for p in (conf_dir() / group).glob("*.yaml")}
+    """Names selectable in a config group (YAML files; installed plugins for `plugins`)."""
     if group == "plugins":
-        names |= set(plugin_entry_points())
-    return sorted(names)
+        return sorted(plugin_entry_points())
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 
 def describe_group_entry(group: str, name: str) -> str:
@@ -68,19 +93,18 @@ def describe_group_entry(group: str, name: str) -> str:
     return ""
 
 
-def _register_entry_point_plugins() -> None:
-    """Make every installed plugin selectable as `plugins=[name]`, even without a YAML of its own."""
+def _register(plugins: dict[str, dict[str, Any]]) -> None:
     store = ConfigStore.instance()
-    shipped = {p.stem for p in (conf_dir() / "plugins").glob("*.yaml")}
-    for name, target in plugin_entry_points().items():
-        if name not in shipped:
-            store.store(group="plugins", name=name, node={name: {"_target_": target}})
+    store.store(name=SCHEMA, node=TrainConfig)
+    for name, options in plugins.items():
+        store.store(group="plugins", name=name, node={name: options})
+    for name, schema in COMMAND_SCHEMAS.items():
+        store.store(name=name, node=schema)
 
 
-def _compose(overrides: list[str], config_file: Path | None, name: str = PRIMARY) -> Any:
+def _compose(overrides: list[str], config_file: Path | None, name: str, plugins: dict[str, dict[str, Any]]) -> Any:
     GlobalHydra.instance().clear()
-    _register_entry_point_plugins()
-    ConfigStore.instance().store(name="prepare", node=PrepareConfig)
+    _register(plugins)
     if config_file is None:
         context = initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3")
     else:
@@ -92,38 +116,132 @@ def _compose(overrides: list[str], config_file: Path | None, name: str = PRIMARY
         return compose(config_name=name, overrides=overrides, return_hydra_config=True)
 
 
-def _compose_or_explain(overrides: list[str], config_file: Path | None, name: str, schema: type) -> Any:
+def _compose_or_explain(
+    overrides: list[str], config_file: Path | None, name: str, schema: type, plugins: dict[str, dict[str, Any]]
+) -> Any:
     try:
-        return _compose(list(overrides), config_file, name)
+        cfg = _compose(list(overrides), config_file, name, plugins)
     except MissingConfigException as err:
         raise UserError(_missing_config_message(err)) from None
     except (HydraException, OmegaConfBaseException) as err:
-        raise UserError(_override_message(err, schema)) from None
+        raise UserError(_override_message(err, schema, plugins)) from None
     finally:
         GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        choices = dict(cfg.hydra.runtime.choices)
+        del cfg["hydra"]
+    return cfg, choices
 
 
 def load_train_config(overrides: list[str], config_file: str | Path | None = None) -> TrainConfig:
     """Compose the primary config (or a run's saved config.yaml) with overrides, and validate it."""
-    cfg = _compose_or_explain(overrides, Path(config_file) if config_file else None, PRIMARY, TrainConfig)
-    recipe = cfg.hydra.runtime.choices.get("recipe")
+    plugins = {name: {"_target_": t, **plugin_defaults(t)} for name, t in plugin_entry_points().items()}
+    overrides = _normalize(list(overrides), plugins, groups=config_file is None)
+    cfg, choices = _compose_or_explain(
+        overrides, Path(config_file) if config_file else None, PRIMARY, TrainConfig, plugins
+    )
     with open_dict(cfg):
-        del cfg["hydra"]
-        if recipe:
-            cfg.run.recipe = recipe
+        if choices.get("recipe"):
+            cfg.run.recipe = choices["recipe"]
+        for group in NAMED_GROUPS:
+            if choices.get(group):
+                _check_name(cfg, group, choices[group])
+                cfg[group].name = choices[group]
         # a recipe's options for a plugin the user deselected (plugins=[...]) stay behind without a _target_
         for name in [n for n, spec in (cfg.get("plugins") or {}).items() if "_target_" not in spec]:
             del cfg.plugins[name]
-    typed = validate(cfg)
-    if typed.init_from:
-        from lit_open.checkpoint.source import apply_init_source
-
-        explicit = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
-        typed = apply_init_source(typed, {k for k in explicit if k == "model" or k.startswith("model.")})
-    return typed
+    return validate(cfg)
 
 
-LISTABLE = {"recipe": "recipes", "model": "models", "plugins": "plugins"}  # group -> `lit-open list` topic
+def load_command_config(command: str, overrides: list[str]) -> Any:
+    """The typed config of a command other than train (`COMMAND_SCHEMAS`: prepare, eval, convert, report) from
+    its `key=value` overrides: Hydra's grammar, as for train (lists as `[a,b]`, `null`, quoting)."""
+    schema = COMMAND_SCHEMAS[command]
+    options = _leaf_keys(schema)
+    for override in overrides:
+        key, sep, _ = override.lstrip("+").partition("=")
+        if not sep or key not in options:
+            unknown = f"Unknown config key '{key}' of " if sep else ""
+            raise UserError(
+                f"{unknown}lit-open {command}: {override!r} is not an option. Give key=value with one of: "
+                f"{', '.join(options)} (`lit-open --help`)."
+            )
+    cfg, _ = _compose_or_explain(list(overrides), None, command, schema, {})
+    missing = [key for key in options if _is_missing(cfg, key)]
+    if missing:
+        raise UserError(f"lit-open {command} needs {missing[0]}=... (see `lit-open --help`).")
+    return to_typed(schema, cfg, command)
+
+
+def _is_missing(cfg: DictConfig, dotted: str) -> bool:
+    parent, _, leaf = dotted.rpartition(".")
+    return OmegaConf.is_missing(OmegaConf.select(cfg, parent) if parent else cfg, leaf)
+
+
+def _leaf_keys(schema: type, prefix: str = "") -> list[str]:
+    """The dotted keys of a dataclass's fields, nested dataclasses expanded (e.g. run.dir)."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        nested = dataclasses.is_dataclass(f.default_factory) if f.default_factory is not dataclasses.MISSING else False
+        keys += _leaf_keys(f.default_factory, f"{prefix}{f.name}.") if nested else [prefix + f.name]
+    return keys
+
+
+def explicit_model_keys(overrides: list[str]) -> frozenset[str]:
+    """The model keys given on the command line (`model` itself for `model=PRESET`): with init_from, these must
+    agree with the source's architecture, while the others are taken from it."""
+    keys = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    return frozenset(k for k in keys if k == "model" or k.startswith("model."))
+
+
+def _normalize(overrides: list[str], plugins: dict[str, dict[str, Any]], groups: bool) -> list[str]:
+    """`GROUP.name=X` -> `GROUP=X` for NAMED_GROUPS, and `+KEY=v` -> `KEY=v` for a key the schema (or the plugin's
+    Config) has: every such key exists in the composed config, where the `+` was once needed for keys a preset or a
+    plugin's YAML did not list. groups: whether the config has groups (a saved config.yaml has none: its `name`s are
+    plain keys)."""
+    chosen = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o and not o.startswith(("+", "~"))}
+    normalized = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        group = key.removesuffix(".name")
+        if groups and group in NAMED_GROUPS and key == f"{group}.name":
+            check_choice(key, value, tuple(group_options(group)))
+            if group in chosen and chosen[group] != value:
+                raise UserError(
+                    f"{group}={chosen[group]} and {key}={value} disagree: the {group} group's choice is its name. "
+                    f"Give one of them ({group}={value} selects the {GROUP_NAMES[group]} {value})."
+                )
+            override = f"{group}={value}"
+        if key.startswith("+") and not key.startswith("++") and _declared(key[1:], plugins):
+            override = override[1:]
+        normalized.append(override)
+    return normalized
+
+
+def _declared(key: str, plugins: dict[str, dict[str, Any]]) -> bool:
+    parts = key.split(".")
+    if parts[0] == "plugins":
+        return len(parts) == 3 and parts[2] in plugins.get(parts[1], {})
+    parent, _, leaf = key.rpartition(".")
+    return leaf in (schema_keys(TrainConfig, parent) or [])
+
+
+def _check_name(cfg: DictConfig, group: str, choice: str) -> None:
+    """A recipe (or a config) that sets GROUP.name instead of choosing the group would mix two configurations."""
+    name = cfg[group].get("name")
+    default = getattr(schema_default(group), "name", None)
+    if name not in (choice, default):
+        raise UserError(
+            f"{group}.name={name} is set by the recipe or config, but the {group} group's choice is {choice}: a "
+            f"recipe chooses it in its defaults list (`- override /{group}: {name}`), a command line with "
+            f"{group}={name}."
+        )
+
+
+def schema_default(group: str) -> Any:
+    """The default instance of a TrainConfig field (e.g. ScheduleConfig() for 'schedule')."""
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == group)
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 
 
 def _missing_config_message(err: MissingConfigException) -> str:
@@ -136,63 +254,42 @@ def _missing_config_message(err: MissingConfigException) -> str:
     return f"Unknown {GROUP_NAMES[group]} '{name}' ({group}={name}). Available: {available}.{hint}"
 
 
-_COULD_NOT_OVERRIDE = re.compile(r"Could not override '([^']+)'")
-
-
-def load_prepare_config(overrides: list[str]) -> PrepareConfig:
-    cfg = _compose_or_explain(overrides, None, "prepare", PrepareConfig)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return to_typed(PrepareConfig, cfg, "prepare")
-
-
-def _override_message(err: Exception, schema: type) -> str:
+def _override_message(err: Exception, schema: type, plugins: dict[str, dict[str, Any]]) -> str:
     text = str(err).strip()
+    if text.startswith("Error merging override") and isinstance(err.__cause__, OmegaConfBaseException):
+        return describe_omegaconf_error(err.__cause__, schema, "config")  # a bad value, caught by the typed schema
     match = _COULD_NOT_OVERRIDE.search(text)
-    if match and match.group(1) == "plugins" and not group_options("plugins"):
-        # Hydra knows no `plugins` group while no plugin is shipped or installed
-        return (
-            "No plugins are installed, so plugins=[...] has nothing to select. Packages add plugins under the "
-            "entry-point group lit_open.plugins; `lit-open list plugins` shows what is available."
-        )
     if match and match.group(1).startswith("plugins.") and match.group(1).count(".") >= 2:
-        return _plugin_option_message(match.group(1))
+        return _plugin_option_message(match.group(1), plugins)
     if match:
         key = match.group(1)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         if key.rsplit(".", 1)[-1] in _keys_under(schema, parent):
+            if isinstance(err.__cause__, OmegaConfBaseException):  # the key exists; its value does not fit
+                return describe_omegaconf_error(err.__cause__, schema, "config")
             return (
                 f"'{key}' is a valid key that this config does not set (its preset or recipe leaves it at the "
                 f"default): set it with a '+', +{key}=..."
             )
         where = f"under '{parent}'" if parent else "at the top level"
-        hint = " (plugin options that a plugin's YAML does not set are added with '+': +plugins.NAME.option=...)"
-        return f"Unknown config key '{key}'. Keys {where}: {', '.join(_keys_under(schema, parent)) or 'none'}." + (
-            hint if key.startswith("plugins.") else ""
-        )
+        return f"Unknown config key '{key}'. Keys {where}: {', '.join(_keys_under(schema, parent)) or 'none'}."
     return "Bad override: " + " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _plugin_option_message(key: str) -> str:
+def _plugin_option_message(key: str, plugins: dict[str, dict[str, Any]]) -> str:
     """Why `plugins.NAME.OPTION=...` matched nothing: an unknown plugin or option, or a plugin not selected."""
     _, name, option = key.split(".", 2)
-    installed = plugin_entry_points()
-    if name not in installed:
-        return f"Unknown plugin '{name}' in '{key}'. Installed plugins: {', '.join(sorted(installed)) or 'none'}."
-    try:
-        plugin_class = get_class(installed[name])
-        options = [f.name for f in dataclasses.fields(plugin_class.Config)]
-    except Exception:  # a broken third-party plugin: the message still names the key
-        options = []
+    if name not in plugins:
+        return f"Unknown plugin '{name}' in '{key}'. Installed plugins: {', '.join(sorted(plugins)) or 'none'}."
+    options = [o for o in plugins[name] if o != "_target_"]
     if option.split(".")[0] not in options:
         return (
             f"Unknown option '{option}' of plugin '{name}' ({key}). Its options: {', '.join(options) or 'none'} "
-            f"(`lit-open list plugins`; the plugin's docstring describes them)."
+            "(`lit-open list plugins` shows them with their defaults and help)."
         )
     return (
         f"'{key}' sets an option of plugin '{name}', which this run does not select. Select it with "
-        f"+plugins={name} (one more than the recipe's) or list it in plugins=[...]; an option its YAML does not set "
-        f"is added with '+': +{key}=..."
+        f"+plugins={name} (one more than the recipe's) or list it in plugins=[...]."
     )
 
 

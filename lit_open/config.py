@@ -23,7 +23,8 @@ STRATEGIES = ("auto", "ddp", "fsdp", "tp", "fsdp_tp")
 MODEL_PARALLEL_STRATEGIES = ("fsdp", "tp", "fsdp_tp")  # built on Lightning's ModelParallelStrategy
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
-DTYPES = ("float32", "bfloat16")
+DEFAULT_MAX_GEN_TOKENS = 32  # new tokens of an lm-eval generation task that does not set max_gen_toks
+MIXED_PRECISION_DTYPES = ("float32", "bfloat16")  # FSDP2 compute/reduce dtypes (float16 would need loss scaling)
 
 
 @dataclass
@@ -61,7 +62,7 @@ class PrepareConfig:
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     val_sources: list[SourceConfig] = field(default_factory=list)
-    tokenizer: str | None = None  # tokenizer.json of the sources (checked against their manifests)
+    tokenizer: str | None = None  # the tokenizer.json the sources were prepared with (else the one beside them)
     seq_len: int = 2048
     micro_batch_size: int = 4  # sequences per forward/backward on one data-parallel rank
     global_batch_size: int = 512  # sequences per optimizer step over all ranks (sets gradient accumulation)
@@ -115,7 +116,9 @@ class StrategyConfig:
     param_dtype: str | None = None  # fsdp/tp/fsdp_tp compute and all-gather dtype (bfloat16); None: as stored
     reduce_dtype: str = "float32"  # fsdp/tp/fsdp_tp gradient reduce-scatter dtype
     float8: str = "none"  # none | tensorwise | rowwise: torchao float8 matmuls (Hopper GPUs), output head excluded
-    loss_chunk_tokens: int = 1024  # tokens per chunk of output head + cross-entropy (lit_open.loss); 0: all at once
+    loss_chunk_tokens: int = (
+        1024  # tokens per chunk of output head + cross-entropy (lit_open.train.loss); 0: all at once
+    )
 
 
 @dataclass
@@ -156,30 +159,90 @@ class TrainConfig:
     init_from: str | None = None
 
 
-def to_typed(schema: type, cfg: DictConfig | dict, what: str) -> Any:
-    """Merge `cfg` into the dataclass `schema` and return an instance; bad keys and types become UserErrors."""
+@dataclass
+class EvalConfig:
+    """`lit-open eval`: the held-out loss of a run checkpoint, or lm-eval tasks on a checkpoint or HF directory."""
+
+    checkpoint: str = MISSING  # a run checkpoint (<run.dir>/checkpoints/step-N.ckpt) or, with tasks, hf:DIR
+    tasks: list[str] | None = None  # lm-eval task names / local task directories; None: the held-out loss
+    limit: int | None = None  # documents per task (None: all)
+    batch_size: int = 8  # sequences per forward pass
+    num_fewshot: int | None = None  # None: each task's own setting
+    max_gen_tokens: int = DEFAULT_MAX_GEN_TOKENS  # new tokens for generation tasks that do not set max_gen_toks
+    tokenizer: str | None = None  # the tokenizer.json the model was trained with (default: the run's or the HF dir's)
+    out: str | None = None  # write the results as JSON here
+
+
+@dataclass
+class ConvertConfig:
+    """`lit-open convert`: a run checkpoint to a Hugging Face directory, or a Hugging Face checkpoint to lit-open."""
+
+    source: str = MISSING  # a run checkpoint, or hf:ORG/NAME@REVISION | hf:/dir
+    out: str = MISSING  # the directory (to Hugging Face) or .ckpt file (to lit-open) to write
+    dtype: str | None = None  # float32 | bfloat16 | float16 (None: as stored)
+    tokenizer: str | None = None  # the tokenizer to copy along (default: the run's)
+
+
+@dataclass
+class ReportRun:
+    dir: str = MISSING  # the run directory to draw
+
+
+@dataclass
+class ReportConfig:
+    """`lit-open report`: a run's curves with its events marked, other runs overlaid (PNG + HTML)."""
+
+    run: ReportRun = field(default_factory=ReportRun)
+    compare: list[str] = field(default_factory=list)  # other run directories, overlaid
+    labels: list[str] | None = None  # one per run (run.dir first); None: the directories' names
+    x: str = "step"  # step | tokens
+    out: str | None = None  # default: <run.dir>/report/
+
+
+COMMAND_SCHEMAS: dict[str, type] = {
+    "prepare": PrepareConfig,
+    "eval": EvalConfig,
+    "convert": ConvertConfig,
+    "report": ReportConfig,
+}
+
+
+def to_typed(schema: type, cfg: DictConfig | dict, what: str, prefix: str = "") -> Any:
+    """Merge `cfg` into the dataclass `schema` and return an instance; bad keys and types become UserErrors.
+
+    what: names the config in messages ("config", "eval", "plugin"); prefix: where `cfg` sits in the user's keys
+    (e.g. "plugins.gc."), so that a message names the key as it is typed.
+    """
+    if isinstance(cfg, DictConfig):  # as plain values: a key that a typed node gained with `+` is checked too
+        cfg = OmegaConf.to_container(cfg, resolve=False)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise UserError(describe_omegaconf_error(err, schema, what)) from None
+        raise UserError(describe_omegaconf_error(err, schema, what, prefix)) from None
 
 
-def describe_omegaconf_error(err: OmegaConfBaseException, schema: type, what: str) -> str:
-    key = getattr(err, "full_key", None) or "?"
+def describe_omegaconf_error(err: OmegaConfBaseException, schema: type, what: str, prefix: str = "") -> str:
+    relative = getattr(err, "full_key", None) or "?"
+    key = prefix + relative
     message = str(err).splitlines()[0]
     if isinstance(err, ConfigKeyError):
         # the dataclass the unknown key was merged into; full_key loses list indices (data.sources[0].x -> x)
         owner = getattr(err, "object_type", None)
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        parent = relative.rsplit(".", 1)[0] if "." in relative else ""
         accepted = sorted(f.name for f in fields(owner)) if is_dataclass(owner) else schema_keys(schema, parent)
         return f"Unknown {what} key '{key}'. Accepted keys here: {', '.join(accepted or []) or 'none'}."
     if isinstance(err, MissingMandatoryValue):
         return f"The {what} key '{key}' must be set (it has no default)."
     value = getattr(err, "value", None)
-    expected = _field_type(schema, key)
+    expected = _field_type(schema, relative)
+    if value is not None and expected:
+        return f"Bad value for {what} key '{key}': {key}={value!r} must be {_TYPE_PHRASES.get(expected, expected)}."
     got = f" {value!r}" if value is not None else ""
     return f"Bad value{got} for {what} key '{key}': {message}." + (f" Expected {expected}." if expected else "")
+
+
+_TYPE_PHRASES = {"int": "a whole number (int)", "float": "a number (float)", "bool": "true or false (bool)"}
 
 
 def _resolve_schema(schema: type, dotted: str) -> Any:
@@ -218,9 +281,9 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
     check_choice("strategy.name", strategy.name, STRATEGIES)
     check_choice("strategy.activation_checkpointing", strategy.activation_checkpointing, ACTIVATION_CHECKPOINTING)
     check_choice("strategy.float8", strategy.float8, FLOAT8_RECIPES)
-    check_choice("strategy.reduce_dtype", strategy.reduce_dtype, DTYPES)
+    check_choice("strategy.reduce_dtype", strategy.reduce_dtype, MIXED_PRECISION_DTYPES)
     if strategy.param_dtype is not None:
-        check_choice("strategy.param_dtype", strategy.param_dtype, DTYPES)
+        check_choice("strategy.param_dtype", strategy.param_dtype, MIXED_PRECISION_DTYPES)
     for key in ("data_parallel_size", "tensor_parallel_size"):
         value = getattr(strategy, key)
         if value is not None and value < 1:

@@ -13,3 +13,9 @@ def check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
     """Refuse a config value outside `choices`, naming the key and what is accepted."""
     if value not in choices:
         raise UserError(f"{key}={value!r} is not supported; choose one of: {', '.join(choices)}.")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), for one-paragraph errors."""
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else ""

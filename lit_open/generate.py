@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from lit_open.model import Transformer
 
@@ -85,8 +86,6 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator
 def _sequence_multiple(model: Transformer) -> int:
     """What the sequence length must be a multiple of: the tensor-parallel degree (sequence parallelism splits the
     sequence evenly across the tensor-parallel ranks), else 1."""
-    from torch.distributed.tensor import DTensor
-
     for param in model.parameters():
         if isinstance(param, DTensor) and "tensor_parallel" in (param.device_mesh.mesh_dim_names or ()):
             return param.device_mesh["tensor_parallel"].size()

@@ -11,11 +11,14 @@ size 1, so that every sharded checkpoint can be loaded with another number of pr
 from __future__ import annotations
 
 import logging
+import re
 import warnings
+from collections.abc import Sequence
 from functools import partial
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
@@ -31,10 +34,12 @@ from torch.distributed.tensor.parallel import (
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from lit_open.config import StrategyConfig
+from lit_open.dtypes import DTYPES
 from lit_open.errors import UserError
 from lit_open.model import ModelConfig, Transformer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Prefixes that wrappers add to parameter names: torch.compile of a whole module, checkpoint_wrapper, FSDP1.
+_WRAPPER_PREFIX = re.compile(r"(?:^|(?<=\.))(?:_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.")
 
 # Under TP the root returns the gathered final-norm output, a view; nothing here modifies it in place.
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -61,7 +66,7 @@ def parallelize(model: Transformer, cfg: StrategyConfig, mesh: DeviceMesh | None
         for block in model.layers:
             block.compile()
     if mesh is not None:
-        apply_fsdp(model, mesh["data_parallel"], cfg)
+        apply_fsdp(model, model.layers, mesh["data_parallel"], cfg)
     return model
 
 
@@ -109,7 +114,7 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
 
     Between blocks the activations are split along the sequence (Shard(1)); attention and MLP gather them,
     work on their share of heads / hidden units, and reduce-scatter back. The final norm's output is gathered
-    so that the loss (lit_open.loss) sees whole sequences; logits come out replicated.
+    so that the loss (lit_open.train.loss) sees whole sequences; logits come out replicated.
     """
     c = model.config
     gather_input = PrepareModuleInput(
@@ -211,12 +216,13 @@ def apply_activation_checkpointing(block: nn.Module, selective: bool) -> None:
     block.forward = lambda *args: checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
-def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, cfg: StrategyConfig) -> None:
+def apply_fsdp(model: nn.Module, blocks: Sequence[nn.Module], dp_mesh: DeviceMesh, cfg: StrategyConfig) -> None:
+    """FSDP2 `fully_shard` on each block, then on the root, with the strategy's mixed-precision policy."""
     policy = MixedPrecisionPolicy(
         param_dtype=DTYPES[cfg.param_dtype] if cfg.param_dtype else None, reduce_dtype=DTYPES[cfg.reduce_dtype]
     )
-    last = len(model.layers) - 1
-    for i, block in enumerate(model.layers):
+    last = len(blocks) - 1
+    for i, block in enumerate(blocks):
         # the last block's parameters are needed again right away by the backward pass: keep them gathered
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=i < last)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
@@ -231,7 +237,7 @@ def convert_to_float8(model: Transformer, recipe: str, fsdp: bool) -> None:
             f"compute capability 8.9+); found {found}. Use strategy.float8=none here."
         )
     try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # only float8 runs need it
     except ImportError as err:
         raise UserError(
             f"strategy.float8={recipe} needs torchao ({err}); install it with `pip install torchao`."
@@ -256,6 +262,19 @@ def float8_filter(model: Transformer):
 def after_optimizer_step(model: Transformer, cfg: StrategyConfig) -> None:
     """Work due after each optimizer step: the float8 scales of FSDP2's float8 all-gather."""
     if cfg.float8 == "tensorwise" and isinstance(model, FSDPModule):
-        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp  # only float8 runs need it
 
         precompute_float8_dynamic_scale_for_fsdp(model)
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as the bare model names it, without the segments that wrappers add."""
+    return _WRAPPER_PREFIX.sub("", name)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on the CPU (gathered from every rank when sharded; complete on rank 0)."""
+    state = model.state_dict()
+    if any(isinstance(t, DTensor) for t in state.values()):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}

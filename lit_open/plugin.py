@@ -1,26 +1,75 @@
-"""The plugin API: a Lightning Callback with a few extra hooks that LitLM calls at the right moments.
+"""The plugin API: a Lightning Callback with lit-open hooks that LitLM calls at the right moments.
 
-A plugin is one module in `plugins/` (shipped as `lit_open.plugins`), one YAML in `conf/plugins/` and one test
-file. Its options are a dataclass `Config` nested in the class: `plugins.<name>.<option>=value` is checked
-against it at start-up, so a typo fails before the first step. Third-party plugins register a class under the
-entry-point group `lit_open.plugins` and are then selectable as `plugins=[name]` like the built-in ones.
+A plugin is one module in `plugins/` (shipped as `lit_open.plugins`), one test file and one page in
+`docs/plugins/`. Its options are its nested `Config` dataclass, declared with `option(default, help)`: the one place
+its defaults are stated. `plugins.<name>.<option>=value` is checked against it at start-up, so a typo fails before
+the first step. Plugins installed under the entry-point group `lit_open.plugins` (the built-in ones and third-party
+packages alike) are selectable as `plugins=[name]`. docs/architecture.md lists every hook and when it is called.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from hydra.utils import get_class
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lit_open.compose import plugin_entry_points
 from lit_open.config import to_typed
 from lit_open.errors import UserError
+from lit_open.train.events import EventLog
 
 if TYPE_CHECKING:
     from lit_open.config import SourceConfig, TrainConfig
     from lit_open.model import ModelConfig, Transformer
+
+
+def option(default: Any = MISSING, help: str = "") -> Any:
+    """A `Config` field with its default and a one-line help (shown by `lit-open list plugins`).
+
+    Mutable defaults (lists, dicts) are copied for every instance.
+    """
+    metadata = {"help": help}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class RunState:
+    """What a run knows about itself, shared by LitLM, the core callbacks and the plugins (as `Plugin.run`).
+
+    LitLM updates it; plugins read it. Counters are this process's view, equal on every rank.
+    """
+
+    config: TrainConfig
+    run_dir: Path | None  # None: not a training run (e.g. `lit-open eval`)
+    events: EventLog  # events.jsonl (written by global rank 0)
+    tokens_per_batch: int  # tokens of one global batch (data.global_batch_size x data.seq_len)
+    data_parallel_size: int = 1
+    tensor_parallel_size: int = 1
+    data_parallel_rank: int = 0  # this process's rank among the data-parallel replicas (known once fit starts)
+    consumed_batches: int = 0  # the data position: global batches consumed (trained, skipped or jumped over)
+    skipped_updates: int = 0  # updates skipped by a plugin's skip_step
+    rollbacks: int = 0
+    train_seconds: float = 0.0  # time spent in training steps this session (validation excluded)
+    # train/loss, val/loss and eval/* values by optimizer step, for the summary and plugins
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: {"train/loss": [], "val/loss": []})
+    last_metrics: dict[str, float] = field(default_factory=dict)  # the newest value of every logged metric
+
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens of the global batches consumed so far."""
+        return self.consumed_batches * self.tokens_per_batch
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        """Where resumable checkpoints are written (`<run.dir>/checkpoints/`)."""
+        return self.run_dir / "checkpoints" if self.run_dir is not None else None
 
 
 @dataclass
@@ -72,7 +121,12 @@ class DataPhase:
 
 
 class Plugin(Callback):
-    """Base class of lit-open plugins. Override only the hooks you need; all of them default to no-ops."""
+    """Base class of lit-open plugins. Override only the hooks you need; all of them default to no-ops.
+
+    Besides Lightning's callback hooks (which receive the Trainer and LitLM), a plugin may use: `self.cfg` (its typed
+    `Config`), `self.run` (the RunState), `pl_module.model` (the Transformer, possibly sharded),
+    `pl_module.device_mesh` (Lightning's, under fsdp/tp/fsdp_tp) and `pl_module.log_row(row)`.
+    """
 
     name = "plugin"  # the plugin's name in configs and in events.jsonl
 
@@ -82,7 +136,18 @@ class Plugin(Callback):
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
-        self.cfg = to_typed(type(self).Config, options, f"plugins.{self.name}")
+        self.cfg = to_typed(type(self).Config, options, "plugin", prefix=f"plugins.{self.name}.")
+        self._run: RunState | None = None
+
+    def bind(self, run: RunState) -> None:
+        """Called by LitLM when it is built: the run state this plugin reads from then on."""
+        self._run = run
+
+    @property
+    def run(self) -> RunState:
+        if self._run is None:
+            raise RuntimeError(f"plugin {self.name!r} has no run state yet: LitLM binds it when it is built")
+        return self._run
 
     def configure_model(self, model_config: ModelConfig) -> ModelConfig:
         """Called before the model is built; return the (possibly changed) architecture."""
@@ -154,15 +219,25 @@ class Plugin(Callback):
         """
         return {}
 
+    def on_step_end(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        """Called on every rank exactly once after every applied optimizer update, `step` being its number.
+
+        It comes after the LR schedule's step and after the update's metrics row was logged (`self.run.last_metrics`
+        holds it), core callbacks first (progress, checkpoint writer: the step's checkpoint, when due, is on disk),
+        then plugins in config order. Not called for a skipped update; after a rollback, steps are numbered again
+        from the restored one.
+        """
+
+    def on_checkpoint_saved(self, trainer: Trainer, pl_module: LightningModule, step: int, path: Path) -> None:
+        """Called on every rank once the resumable checkpoint of `step` is complete at `path` and `latest` names it."""
+
     def log_event(self, trainer: Trainer, pl_module: LightningModule, event: str, **fields: Any) -> None:
         """Record what the plugin did in events.jsonl (written by global rank 0)."""
-        pl_module.events.write(trainer.global_step, event, plugin=self.name, **fields)
+        self.run.events.write(trainer.global_step, event, plugin=self.name, **fields)
 
 
 def build_plugins(plugins_cfg: dict[str, Any]) -> list[Plugin]:
     """Instantiate the selected plugins from `plugins.<name>` blocks, in config order."""
-    from hydra.utils import get_class
-
     plugins = []
     for key, spec in (plugins_cfg or {}).items():
         # a recipe may configure a plugin the user deselected with plugins=[...]: its block has no _target_

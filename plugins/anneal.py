@@ -1,30 +1,7 @@
-"""anneal: decay the LR linearly to zero, optionally on a new data mixture, and average the last checkpoints.
-
-What:
-- LR: from update `start_step` + 1 on (or from the first update after `start_tokens` tokens; by default from the
-  run's first update, i.e. right after `init_from`), the LR falls linearly from the value the schedule gives that
-  update, lr0, to zero over `steps` updates: update start + i trains at lr0 * (steps - i + 1) / steps, and any
-  update after the anneal at 0 (`steps: null` anneals until `trainer.max_steps`). This is OLMo 2's mid-training:
-  no warmup, the LR where stage 1 stopped, linear decay to zero on the Dolmino mix. Before the anneal the schedule
-  runs as configured. (`schedule=wsd` is the in-schedule alternative: constant LR, then a linear decay over its
-  last `decay_steps`; the plugin is for a decay decided apart from the schedule, e.g. continuing a released
-  checkpoint.)
-- Data: `sources` (a list like `data.sources`) is the mixture from global batch `start` on. The switch is part of
-  the data order (see `Plugin.data_phases`): resumes and process counts see the same batches, a source used before
-  and after continues its stream, and `data_sequence/sources.json` lists the phases.
-- Souping: with `soup_last` K > 0, at the end of training the weights of the last K checkpoints written during
-  the anneal (the final one included) are averaged in float32 and exported as a Hugging Face directory,
-  `<run.dir>/hf/soup-step-NNNNNNNN/`, whose `lit_open.json` names the checkpoints averaged. Averaging checkpoints
-  of the decay phase is a cheap gain in loss and robustness (OLMo 2 averages whole anneal runs the same way).
-- Events: `anneal` at its first update (lr0, steps, last step, sources), `anneal_end` once the LR is zero, `soup`.
-
-Options (`plugins.anneal.<option>`):
-- start_step (int, default 0) or start_tokens (int, default 0; rounded up to whole steps): where the anneal starts.
-- steps (int or null, default null: until trainer.max_steps): updates from lr0 down to zero.
-- sources (list of {path, weight} or null, default null: keep data.sources): the anneal's data mixture.
-- soup_last (int, default 0: off): checkpoints to average; checkpoint.every_n_steps and checkpoint.keep_last
-  must let that many exist (checked at start-up).
-- soup_dtype (float32 | bfloat16 | float16 | null, default bfloat16): dtype of the exported average.
+"""anneal: from a step, a token count or the run's start, the LR decays linearly to zero over N updates (OLMo 2's
+mid-training); optionally a new data mixture from then on (part of the data order) and the average of the anneal's
+last K checkpoints exported to `<run.dir>/hf/soup-step-N/`. Design and options: docs/plugins/anneal.md;
+`lit-open list plugins` shows the options and their defaults.
 """
 
 from __future__ import annotations
@@ -37,11 +14,15 @@ from typing import Any
 
 import torch
 
+from lit_open.checkpoint.hf import save_hf
+from lit_open.checkpoint.resumable import checkpoint_step, list_checkpoints
+from lit_open.checkpoint.source import open_source, read_weights
 from lit_open.config import SourceConfig, TrainConfig
-from lit_open.convert import DTYPES, run_tokenizer_dir
+from lit_open.data.tokenizer import run_tokenizer_dir
+from lit_open.dtypes import torch_dtype
 from lit_open.errors import UserError
-from lit_open.optim import lr_factor
-from lit_open.plugin import DataPhase, Plugin
+from lit_open.plugin import DataPhase, Plugin, option
+from lit_open.train.optim import lr_factor
 
 
 class Anneal(Plugin):
@@ -51,12 +32,18 @@ class Anneal(Plugin):
 
     @dataclass
     class Config:
-        start_step: int = 0
-        start_tokens: int = 0
-        steps: int | None = None
-        sources: list[SourceConfig] | None = None
-        soup_last: int = 0
-        soup_dtype: str | None = "bfloat16"
+        start_step: int = option(
+            0, "updates before the anneal (0: from the run's first update, e.g. right after init_from)"
+        )
+        start_tokens: int = option(
+            0, "start once this many tokens were trained on, rounded up to whole steps (0: start_step decides)"
+        )
+        steps: int | None = option(None, "updates from the LR at the start down to 0 (null: until trainer.max_steps)")
+        sources: list[SourceConfig] | None = option(
+            None, "the mixture from the anneal on, like data.sources: [{path: DIR, weight: 1.0}] (null: unchanged)"
+        )
+        soup_last: int = option(0, "average the last K checkpoints of the anneal into one Hugging Face export (0: off)")
+        soup_dtype: str | None = option("bfloat16", "float32 | bfloat16 | float16 | null (as trained)")
 
         def __post_init__(self) -> None:
             for key in ("start_step", "start_tokens", "soup_last"):
@@ -77,11 +64,7 @@ class Anneal(Plugin):
                     "plugins.anneal.sources=[] holds no source: give [{path:DIR,weight:1.0},...] or null to keep "
                     "data.sources."
                 )
-            if self.soup_dtype is not None and self.soup_dtype not in DTYPES:
-                raise UserError(
-                    f"plugins.anneal.soup_dtype={self.soup_dtype!r} is not supported; choose "
-                    f"{', '.join(DTYPES)} or null (the dtype the model trains in)."
-                )
+            torch_dtype(self.soup_dtype, "plugins.anneal.soup_dtype", none="the dtype the model trains in")
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -113,7 +96,7 @@ class Anneal(Plugin):
         return [DataPhase(start=self.start, sources=list(self.cfg.sources), key="plugins.anneal.sources")]
 
     def on_train_start(self, trainer, pl_module) -> None:
-        config = pl_module.config
+        config = self.run.config
         self._plan(config)
         if self.cfg.soup_last:
             self._check_soup_possible(config)
@@ -158,8 +141,7 @@ class Anneal(Plugin):
             self.lr_start = scheduled
         return self.lr_at(step) / scheduled
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
+    def on_step_end(self, trainer, pl_module, step: int) -> None:
         if "anneal" not in self.announced and step > self.start and self.lr_start is not None:
             self.announced.append("anneal")
             sources = [asdict(s) for s in self.cfg.sources] if self.cfg.sources is not None else None
@@ -184,17 +166,14 @@ class Anneal(Plugin):
 
     def soup(self, trainer, pl_module) -> Path | None:
         """Average the model weights of the anneal's last `soup_last` checkpoints and export them (rank 0 writes)."""
-        from lit_open.checkpoint.hf import save_hf
-        from lit_open.checkpoint.resumable import checkpoint_step, list_checkpoints
-
-        run_dir = Path(trainer.default_root_dir)
+        run_dir = self.run.run_dir
         out = run_dir / "hf" / f"soup-step-{trainer.global_step:08d}"
         if trainer.is_global_zero:
             started = time.perf_counter()
-            found = [p for p in list_checkpoints(run_dir / "checkpoints") if checkpoint_step(p) > self.start]
+            found = [p for p in list_checkpoints(self.run.checkpoint_dir) if checkpoint_step(p) > self.start]
             chosen = found[-self.cfg.soup_last :]
             average = average_checkpoints(chosen)
-            config = pl_module.config
+            config = self.run.config
             save_hf(
                 average,
                 out,
@@ -208,7 +187,7 @@ class Anneal(Plugin):
                     "init_from": config.init_from,
                     "config": asdict(config),
                 },
-                dtype=DTYPES[self.cfg.soup_dtype] if self.cfg.soup_dtype else None,
+                dtype=torch_dtype(self.cfg.soup_dtype),
             )
             self.log_event(
                 trainer,
@@ -235,8 +214,6 @@ def average_checkpoints(paths: list[Path]) -> dict[str, torch.Tensor]:
     Accumulated in float32, returned in each tensor's own dtype; non-floating tensors (none in lit-open's
     models today) are taken from the last checkpoint.
     """
-    from lit_open.checkpoint.source import open_source, read_weights
-
     total: dict[str, torch.Tensor] = {}
     for path in paths:
         weights, _ = read_weights(open_source(str(path)))

@@ -1,29 +1,6 @@
-"""Embedding gradient shrink (EGS): the token embeddings' output keeps its value, its gradient is scaled by alpha.
-
-What: the output `e` of `model.tok_embeddings` is replaced by a tensor equal to it whose gradient is
-`alpha * grad`, i.e. GLM-130B's `e * alpha + e.detach() * (1 - alpha)` (Zeng et al. 2022, §3, alpha = 0.1).
-It is applied as an identity with a scaled backward (one autograd node) rather than that sum: the forward value
-is then bit-for-bit unchanged in any precision (in bfloat16 `0.1 * e + 0.9 * e` is not always `e`), and no
-extra activation of the embeddings' size is kept for the backward pass.
-
-Why: GLM-130B observed that the embedding layer's gradient norm is far larger than the other layers' and that
-its spikes come with training collapses; shrinking it with alpha = 0.1 removed most spikes in their ablation
-(at 40B scale). With an untied embedding the whole gradient of the table is scaled; with
-tied embeddings (`model.tie_embeddings=true`) only the input-side part is, the output head's part is not
-(THUDM's CodeGeeX fork shrinks the output-logit use instead; for an untied model the input side is the one
-that exists). Note that AdamW largely normalises a constant scale away (m / sqrt(v)); what changes is the
-embedding's share of the global gradient norm that clipping sees, the weight of the epsilon, and, with tied
-embeddings, the mix of the input and output contributions.
-
-How: `on_model_built` registers a forward hook on `model.tok_embeddings` before the model is parallelised.
-Forward hooks run in registration order, so under tensor parallelism (`RowwiseParallel` on the embeddings,
-which adds its own output hook in `parallelize_module`) this hook sees the embedding's DTensor output before it
-is redistributed to the sequence-parallel layout, and its backward sees that DTensor's gradient: scaling by a
-constant commutes with every placement. FSDP2, activation checkpointing and float8 do not touch the embeddings'
-forward.
-
-Options (`plugins.embedding_grad_shrink.<option>`):
-- alpha (float, default 0.1): the factor on the embeddings' gradient, in (0, 1]; 1 changes nothing.
+"""embedding_grad_shrink: the token embeddings' output keeps its value while the gradient flowing back into the table is
+scaled by alpha (GLM-130B's embedding gradient shrink, a remedy for early loss spikes). Design and options:
+docs/plugins/embedding_grad_shrink.md; `lit-open list plugins` shows the options and their defaults.
 """
 
 from __future__ import annotations
@@ -35,7 +12,7 @@ import torch
 from torch import nn
 
 from lit_open.errors import UserError
-from lit_open.plugin import Plugin
+from lit_open.plugin import Plugin, option
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -63,7 +40,9 @@ class EmbeddingGradShrink(Plugin):
 
     @dataclass
     class Config:
-        alpha: float = 0.1
+        alpha: float = option(
+            0.1, "factor on the gradient flowing into the embeddings from their output, in (0, 1]; GLM-130B: 0.1"
+        )
 
         def __post_init__(self) -> None:
             if not 0.0 < self.alpha <= 1.0:  # also refuses nan
@@ -87,7 +66,7 @@ class EmbeddingGradShrink(Plugin):
         self.handle = model.tok_embeddings.register_forward_hook(hook)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        tied = bool(getattr(pl_module.config.model, "tie_embeddings", False))
+        tied = self.run.config.model.tie_embeddings
         self.log_event(
             trainer,
             pl_module,

@@ -1,49 +1,29 @@
-"""lm_eval: benchmark the model with lm-evaluation-harness while it trains, every N steps and at the end.
-
-What: at every `every_n_steps`-th optimizer step (and at the end of training when `at_end`) the in-memory model,
-sharded or not, runs the lm-eval `tasks` through lit-open's adapter (`lit_open.eval.harness.LitOpenLM`: the run's
-tokenizer, no BOS, EOS as the context of empty-context requests, batches of `batch_size`). The results land in the
-metrics row of that step as `eval/<task>/<metric>` (e.g. `eval/hellaswag/acc_norm`, `eval/my_ppl/bits_per_byte`),
-so every logger (metrics.csv, TensorBoard, ...) gets them, and an `eval` event in events.jsonl holds them with the
-seconds taken. `lit-open eval checkpoint=... tasks=[...]` computes the same numbers offline for a checkpoint.
-
-Tasks are lm-eval task names (hellaswag, arc_easy, lambada_openai, ...: their datasets must be reachable at run
-time, from the Hugging Face hub or a prepared HF_DATASETS_CACHE) or local task directories / YAML files, which work
-offline: lm-eval task YAMLs with `dataset_path: json` and `dataset_kwargs.data_files` naming JSONL files relative
-to the YAML file. Everything is checked and loaded when training starts: a missing path or an unknown task name
-fails then, not at the first evaluation. Unless HF_DATASETS_CACHE is set, datasets are cached in a temporary
-directory removed when training ends.
-
-Distributed runs: every process takes part (a sharded model needs all of them for each forward pass); requests
-are split across data-parallel ranks, tensor-parallel peers score the same ones, and global rank 0 logs. Each task
-needs at least as many documents (after `limit`) as there are data-parallel processes.
-
-Why: held-out loss says little about what a model can do; benchmark curves along the run (OLMo, Pythia, LLM360
-publish them) show when abilities appear and catch regressions early. A `limit` of a few hundred documents per task
-keeps each evaluation to seconds or minutes.
-
-Options (`plugins.lm_eval.<option>`):
-- tasks (list of str): lm-eval task names and/or local task directories or YAML files (required);
-  `prepared:next_line` is the benchmark `lit-open prepare` builds from held-out documents beside the data it
-  prepares (pick the true next line among four; see lit_open.data.next_line): the quickstart recipe uses it.
-- every_n_steps (int, default 1000; 0: none in between), at_start (bool, default false: also the model training
-  starts from, in a fresh run), at_end (bool, default true): when to evaluate.
-- limit (int or null, default null: all): documents per task.
-- batch_size (int, default 8): sequences per forward pass.
-- num_fewshot (int or null, default null: each task's own setting, else 0): few-shot examples per prompt.
-- max_gen_tokens (int, default 32): new tokens for generation tasks that do not set max_gen_toks.
+"""lm_eval: lm-evaluation-harness tasks on the in-memory model (sharded or not) every N steps, at the end and optionally
+at the start, through the adapter `lit-open eval` uses: `eval/<task>/<metric>` in the step's metrics row (every
+logger) and an `eval` event. Tasks are lm-eval names, local task directories (offline) or `prepared:next_line`. Design
+and options: docs/plugins/lm_eval.md; `lit-open list plugins` shows the options and their defaults.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from lit_open.config import DEFAULT_MAX_GEN_TOKENS
+from lit_open.data.tokenizer import run_tokenizer
 from lit_open.errors import UserError
-from lit_open.plugin import Plugin
-from lit_open.progress import trainer_console
+from lit_open.plugin import Plugin, option
+from lit_open.train.progress import trainer_console
+
+
+def harness() -> Any:
+    """lit_open.eval.harness, imported on first use: it imports lm-eval (seconds), and this module is imported by
+    every composition that lists the installed plugins."""
+    import lit_open.eval.harness as module  # see the docstring
+
+    return module
 
 
 class LMEval(Plugin):
@@ -53,14 +33,18 @@ class LMEval(Plugin):
 
     @dataclass
     class Config:
-        tasks: list[str] = field(default_factory=list)
-        every_n_steps: int = 1000
-        at_start: bool = False
-        at_end: bool = True
-        limit: int | None = None
-        batch_size: int = 8
-        num_fewshot: int | None = None
-        max_gen_tokens: int = 32
+        tasks: list[str] = option(
+            [], "lm-eval task names (need their datasets at run time) and/or local task directories / YAML files"
+        )
+        every_n_steps: int = option(1000, "optimizer steps between evaluations (0: only at the end)")
+        at_start: bool = option(False, "also evaluate the model training starts from (a fresh run's step 0)")
+        at_end: bool = option(True, "also evaluate the final model")
+        limit: int | None = option(None, "documents per task (null: all)")
+        batch_size: int = option(8, "sequences per forward pass")
+        num_fewshot: int | None = option(None, "few-shot examples per prompt (null: each task's own setting, else 0)")
+        max_gen_tokens: int = option(
+            DEFAULT_MAX_GEN_TOKENS, "new tokens for generation tasks that do not set max_gen_toks"
+        )
 
         def __post_init__(self) -> None:
             if not self.tasks:
@@ -97,11 +81,9 @@ class LMEval(Plugin):
         self._cache_before: Any = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        from lit_open.eval.harness import use_datasets_cache
-
         if "HF_DATASETS_CACHE" not in os.environ:
             self._cache = tempfile.TemporaryDirectory(prefix="lit-open-lm-eval-")
-            self._cache_before = use_datasets_cache(self._cache.name)
+            self._cache_before = harness().use_datasets_cache(self._cache.name)
         try:
             self._prepare(trainer, pl_module)
         except BaseException:
@@ -113,18 +95,10 @@ class LMEval(Plugin):
 
     def _prepare(self, trainer, pl_module) -> None:
         """Load the tasks and build the adapter; a bad task, path or tokenizer fails here, before training."""
-        from lit_open.convert import run_tokenizer_dir
-        from lit_open.eval.harness import load_tasks, resolve_tasks, tokenizer_and_eos
-
-        tokenizer_dir = run_tokenizer_dir(asdict(pl_module.config))
-        if tokenizer_dir is None:
-            raise UserError(
-                "plugins.lm_eval needs the run's tokenizer: set data.tokenizer to the tokenizer.json the data was "
-                "prepared with."
-            )
-        self._tokenizer = tokenizer_and_eos(tokenizer_dir)
-        specs = resolve_tasks(self.cfg.tasks, "plugins.lm_eval.tasks", data_dir=tokenizer_dir)
-        self.task_dict = load_tasks(specs, self.cfg.num_fewshot)
+        tokenizer = run_tokenizer(asdict(self.run.config), "plugins.lm_eval")
+        self._tokenizer = (tokenizer.tokenizer, tokenizer.eos_id)
+        specs = harness().resolve_tasks(self.cfg.tasks, "plugins.lm_eval.tasks", data_dir=tokenizer.directory)
+        self.task_dict = harness().load_tasks(specs, self.cfg.num_fewshot)
         self.lm = self._adapter(pl_module)
         for name, task in self.task_dict["tasks"].items():
             docs = len(task.eval_docs)
@@ -137,12 +111,10 @@ class LMEval(Plugin):
                 )
 
     def _adapter(self, pl_module) -> Any:
-        from lit_open.eval.harness import LitOpenLM
-
         mesh = pl_module.device_mesh
         data_parallel = mesh["data_parallel"] if mesh is not None else None
         tokenizer, eos_id = self._tokenizer
-        return LitOpenLM(
+        return harness().LitOpenLM(
             pl_module.model,
             tokenizer,
             eos_id,
@@ -169,12 +141,10 @@ class LMEval(Plugin):
 
     def evaluate(self, trainer, pl_module) -> dict[str, float]:
         """Run the tasks now (every process must call this); the flat metrics, on global rank 0 (else empty)."""
-        from lit_open.eval.harness import run_tasks
-
         self._last_step = trainer.global_step
         if self.lm.model is not pl_module.model:  # the module's model was replaced (a restore)
             self.lm = self._adapter(pl_module)
-        outcome = run_tasks(self.lm, self.task_dict, self.cfg.limit)
+        outcome = harness().run_tasks(self.lm, self.task_dict, self.cfg.limit)
         if not trainer.is_global_zero:
             return {}
         scores = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in outcome.metrics.items())
@@ -187,9 +157,7 @@ class LMEval(Plugin):
         return outcome.metrics
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        from lit_open.eval.harness import use_datasets_cache
-
         if self._cache is not None:
-            use_datasets_cache(None, self._cache_before)
+            harness().use_datasets_cache(None, self._cache_before)
             self._cache.cleanup()
             self._cache = None

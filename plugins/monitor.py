@@ -1,78 +1,12 @@
-"""Training-health monitor: norms, update sizes, optimizer state, activations and throughput every N steps.
-
-What: every `every_n_steps` optimizer steps (the steps whose number, as logged, is a multiple of it) extra columns
-go to the Lightning loggers (metrics.csv, TensorBoard) through the `step_metrics` hook, in the same row as the
-core's `train/loss` of that optimizer step:
-
-- `monitor/grad_norm`, `monitor/grad_norm/<group>`: L2 norm of the gradients of the step, before clipping (the
-  global one equals the core's `train/grad_norm`), over all parameters and per group;
-- `monitor/param_norm`, `monitor/param_norm/<group>`: L2 norm of the parameters after the update;
-- `monitor/update_ratio`, `monitor/update_ratio/<group>`: ||theta_after - theta_before|| / ||theta_before|| of the
-  step's update (healthy values are around 1e-3);
-- `monitor/exp_avg_norm`, `monitor/exp_avg_sq_norm`: global L2 norms of AdamW's first and second moments after
-  the update;
-- `monitor/act_rms/layers.N`, `monitor/act_max/layers.N`: RMS and max |x| of each block's output over all tokens
-  of the step (all micro-batches, all ranks);
-- `monitor/lr` (of the first parameter group; `monitor/lr/group_I` for each group when the groups differ), the
-  learning rate the update used; `monitor/tokens`, tokens consumed so far; `monitor/tokens_per_s`, training
-  throughput since the previous monitored step (validation time excluded, as in the core's `train/tokens_per_s`);
-  `monitor/mfu` (fraction of the GPUs' dense peak, `lit_open.bench.throughput`: 6*N + 12*L*d*T FLOPs per token)
-  on a GPU of the peak table only: the column is absent on CPUs and unknown GPUs.
-
-Groups are `layers.N` (one per block), `tok_embeddings`, `norm` and `output` (absent with tied embeddings: the
-shared weight counts once, as `tok_embeddings`). They partition the parameters, so the squares of the group norms
-sum to the square of the global norm.
-
-Why: a spike, a vanishing layer or a drifting optimizer state shows in these numbers steps before it shows in the
-loss (OLMo's per-parameter metrics, notes/techniques.md section 7); the update/param ratio says whether the
-learning rate moves each block by a sensible amount.
-
-How: gradients are read in `on_after_backward` of the step's last micro-batch (accumulated, not yet clipped; the
-optimizer zeroes them before any later hook); parameter norms before the update and, with `update_ratio`, a copy
-of this process's parameter shards are taken in `on_before_optimizer_step`, which Lightning calls only when the
-update is not skipped; the rest in `on_train_batch_end`, after which the copy is freed. Nothing is copied on other
-steps. The difference theta_before - theta_after is written over the copy in place, so the update norms need no
-memory beyond the copy; `offload_snapshot: true` keeps the copy in CPU memory instead of the accelerator's and
-brings it back one group (block) at a time. Forward
-hooks on `model.layers[i]` (registered in `on_model_built`, excluded from torch.compile) return at once except
-on the micro-batches of a monitored step. A monitored step whose update is skipped by a plugin logs nothing; the
-next batch is monitored again under the same step number.
-
-Sharding: under FSDP2 / tensor parallelism parameters, gradients and optimizer states are DTensors. Each process
-takes the squared L2 norm of its local shard (`torch._foreach_norm` of the `to_local()` parts) divided by the number of
-processes holding a copy of the same elements (the sizes of the mesh dimensions the tensor is `Replicate` on, times
-the processes outside its mesh, which are data-parallel replicas; plain tensors under DDP are held by every
-process), and one `all_reduce(SUM)` over the world adds them up, so every element counts exactly once (`Partial`
-tensors are first reduced to `Replicate` by DTensor itself). Activation sums of squares and element counts are
-summed over the world the same way (each data-parallel rank sees its own batch slice, each sequence-parallel rank
-its own tokens; a replicated copy adds to both numerator and count, which leaves the RMS unchanged), and the
-maxima are combined with one `all_reduce(MAX)`. That is two collectives per monitored step, none per parameter.
-Only global rank 0 writes the row. The slow tests run ddp, fsdp, tp and fsdp + tp on 2-4 gloo processes, and fsdp with
-compiled, activation-checkpointed blocks, and compare every column with a plain one-process run.
-
-Cost: about 0.5% of step time at the default interval (the limit set for it is 2%). Measured on the quickstart model
-with `data.seq_len=128` (micro-batch 16, float32, one CPU thread: OMP_NUM_THREADS=1, as a shared 2-core machine gave
-no steady two-thread timings), 50 steps, interval 10: 0.44% of the training time is spent inside the monitor's
-hooks; per step (median) a monitored step takes 16 ms more than the 0.50 s of the others and the step after it
-8 ms more; three alternating runs of `lit-open train model=quickstart data.seq_len=128 trainer.max_steps=50` with
-and without `plugins=[monitor]` took 25.0-26.1 s and 25.4-25.8 s (the difference is within their noise). The
-per-step work is a few fused `torch._foreach_norm` kernels per kind of tensor, one copy of the parameter shards and
-two collectives; `python -m lit_open.bench plugin-overhead --plugin monitor` repeats the in-hook measurement
-and the A/B (add `--device cuda --model ... --seq-len ...` on a GPU).
-
-Options (`plugins.monitor.<option>`):
-- every_n_steps (int >= 1, default 10): optimizer steps between two monitored steps;
-- update_ratio (bool, default true): log the update/param ratios (costs a copy of the parameter shards, on
-  monitored steps only);
-- offload_snapshot (bool, default false): keep that copy in CPU memory rather than on the accelerator;
-- optimizer_state (bool, default true): log the norms of AdamW's exp_avg and exp_avg_sq;
-- activations (bool, default true): log each block's output RMS and max |x|.
+"""monitor: training health every N steps, in the step's metrics row: global and per-block gradient, parameter and
+update norms, AdamW state norms, per-block activation RMS and max, throughput and (on GPUs) MFU, exact under
+FSDP2/TP sharding, at about 0.5% of step time. Design, the columns, the sharding arithmetic and the measured cost:
+docs/plugins/monitor.md; `lit-open list plugins` shows the options and their defaults.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,18 +17,18 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 
 from lit_open.errors import UserError
-from lit_open.plugin import Plugin
+from lit_open.hardware import compute_dtype, peak_flops
+from lit_open.model.flops import flops_per_token
+from lit_open.parallel import unwrapped_name
+from lit_open.plugin import Plugin, option
 
 PREFIX = "monitor"
 OPTIMIZER_STATES = ("exp_avg", "exp_avg_sq")  # AdamW's moments, logged as monitor/<key>_norm
-# Prefixes that module wrappers add to parameter names (torch.compile of a whole module, checkpoint_wrapper, FSDP1);
-# the group of a parameter is read from the model's own names.
-_WRAPPER_PREFIX = re.compile(r"(?:^|(?<=\.))(?:_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.")
 
 
 def parameter_group(name: str) -> str:
     """`layers.N` for a parameter of block N, else the model's top-level module (tok_embeddings, norm, output)."""
-    parts = _WRAPPER_PREFIX.sub("", name).split(".")
+    parts = unwrapped_name(name).split(".")
     if parts[0] == "layers" and len(parts) > 2:
         return f"layers.{parts[1]}"
     return parts[0]
@@ -173,11 +107,19 @@ class Monitor(Plugin):
 
     @dataclass
     class Config:
-        every_n_steps: int = 10
-        update_ratio: bool = True
-        offload_snapshot: bool = False
-        optimizer_state: bool = True
-        activations: bool = True
+        every_n_steps: int = option(
+            10, "optimizer steps between two monitored steps (>= 1); the monitored steps are its multiples"
+        )
+        update_ratio: bool = option(
+            True, "log ||delta theta|| / ||theta|| per block (copies the parameter shards on monitored steps)"
+        )
+        offload_snapshot: bool = option(
+            False, "keep the copy update_ratio takes in CPU memory instead of on the accelerator"
+        )
+        optimizer_state: bool = option(True, "log the global norms of AdamW's exp_avg and exp_avg_sq")
+        activations: bool = option(
+            True, "log the RMS and max |x| of each block's output (forward hooks, active on monitored steps)"
+        )
 
         def __post_init__(self) -> None:
             if self.every_n_steps < 1:
@@ -198,7 +140,7 @@ class Monitor(Plugin):
         self._sums: dict[str, torch.Tensor] = {}  # of the step under way: squared norms by group ("grad", "before")
         self._snapshot: list[torch.Tensor] | None = None  # copies of the local parameter shards before the update
         self._lrs: list[float] = []
-        self._clock: tuple[float, int] | None = None  # (pl_module.train_seconds, consumed_batches) at the last row
+        self._clock: tuple[float, int] | None = None  # (run.train_seconds, run.consumed_batches) at the last row
         self._mfu: tuple[int, float] | None = None  # (FLOPs per token, peak FLOP/s of all devices) on known GPUs
 
     # -- hooks registered on the model -----------------------------------------------------------------------
@@ -241,12 +183,10 @@ class Monitor(Plugin):
         names = [name for name, _ in pl_module.model.named_parameters()]
         self._groups = list(dict.fromkeys(parameter_group(name) for name in names))
         self._param_groups = [self._groups.index(parameter_group(name)) for name in names]
-        self._clock = (pl_module.train_seconds, pl_module.consumed_batches)
+        self._clock = (self.run.train_seconds, self.run.consumed_batches)
         peak = self._peak_flops(pl_module)
         if peak:
-            from lit_open.bench.throughput import flops_per_token
-
-            per_token = flops_per_token(pl_module.model.config, pl_module.config.data.seq_len)
+            per_token = flops_per_token(pl_module.model.config, self.run.config.data.seq_len)
             self._mfu = (per_token, peak * trainer.world_size)
         self.log_event(
             trainer,
@@ -260,13 +200,11 @@ class Monitor(Plugin):
         )
 
     def _peak_flops(self, pl_module: LightningModule) -> float | None:
-        """Dense peak FLOP/s of one device of this run (lit_open.bench.throughput's table); None off CUDA."""
+        """Dense peak FLOP/s of one device of this run (lit_open.hardware's table); None off CUDA."""
         device = pl_module.device
         if device.type != "cuda":
             return None
-        from lit_open.bench.throughput import compute_dtype, peak_flops
-
-        return peak_flops(torch.cuda.get_device_name(device), compute_dtype(pl_module.config))
+        return peak_flops(torch.cuda.get_device_name(device), compute_dtype(self.run.config))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step + 1  # the update these gradients go into, as the core logs it
@@ -412,10 +350,10 @@ class Monitor(Plugin):
             row[f"{PREFIX}/lr"] = self._lrs[0]
             if len(set(self._lrs)) > 1:
                 row.update({f"{PREFIX}/lr/group_{i}": lr for i, lr in enumerate(self._lrs)})
-        seconds, batches = pl_module.train_seconds, pl_module.consumed_batches
-        row[f"{PREFIX}/tokens"] = float(batches * pl_module.tokens_per_batch)
+        seconds, batches, per_batch = self.run.train_seconds, self.run.consumed_batches, self.run.tokens_per_batch
+        row[f"{PREFIX}/tokens"] = float(batches * per_batch)
         if self._clock is not None and seconds > self._clock[0]:
-            tokens_per_s = (batches - self._clock[1]) * pl_module.tokens_per_batch / (seconds - self._clock[0])
+            tokens_per_s = (batches - self._clock[1]) * per_batch / (seconds - self._clock[0])
             row[f"{PREFIX}/tokens_per_s"] = tokens_per_s
             if self._mfu is not None:
                 per_token, peak = self._mfu

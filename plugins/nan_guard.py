@@ -1,29 +1,6 @@
-"""nan_guard: a non-finite loss or gradient never reaches the weights, and a non-finite checkpoint is never written.
-
-What: before each optimizer step the step's loss and gradient norm (both agreed across ranks; the norm is NaN or
-inf as soon as one gradient element is) are checked. A non-finite step is skipped: weights, optimizer moments, LR
-schedule and step counter are left as they were, and the batch is consumed (a `non_finite` event, action `skip`).
-When it keeps happening (`rollback_after` non-finite steps within `within` global batches), the state itself is
-suspect: the guard asks the trainer to roll back to an in-memory snapshot from before the first of them and to go on
-with later data (action `rollback`; the trainer's `rollback` event says what was undone and skipped). After
-`max_rollbacks` rollbacks a further series stops the run with a clear error (exit status 2).
-
-Checkpoints: before any checkpoint is written, every parameter and optimizer-state tensor of every rank is checked;
-if one is not finite (a finite gradient can still overflow a weight), the checkpoint is refused and the run stops
-with an error naming the step, so the newest checkpoint on disk is always a finite one.
-
-Why: one NaN update turns every weight into NaN and the run is lost from there; a NaN checkpoint is worse, because
-`resume=auto` picks it up. A single overflow is usually the batch's fault (skip it); repeated ones are the state's
-(roll back), the same distinction Megatron-LM's rerun machinery draws.
-
-Options (`plugins.nan_guard.<option>`):
-- rollback_after (int, default 3): non-finite steps within `within` global batches that trigger a rollback; 1 rolls
-  back at the first.
-- within (int, default 100): the window, in global batches.
-- rewind (int, default 0): the restored state is at least this many steps older than the first non-finite step.
-- skip_after (int, default 0): global batches skipped after the one that triggered the rollback.
-- snapshot_every (int, default 100): optimizer steps between in-memory snapshots.
-- max_rollbacks (int, default 3).
+"""nan_guard: a non-finite loss or gradient is skipped, repeated ones (`rollback_after` within `within` batches) are
+rolled back to an in-memory snapshot, and a checkpoint holding a NaN or inf is never written (the run stops instead).
+Design, events and options: docs/plugins/nan_guard.md; `lit-open list plugins` shows the options and their defaults.
 """
 
 from __future__ import annotations
@@ -36,7 +13,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from lit_open.errors import UserError
-from lit_open.plugin import Plugin, Rollback, RolledBack, SnapshotPolicy
+from lit_open.plugin import Plugin, Rollback, RolledBack, SnapshotPolicy, option
 
 
 def _all_finite(tensors) -> bool:
@@ -54,12 +31,18 @@ class NanGuard(Plugin):
 
     @dataclass
     class Config:
-        rollback_after: int = 3
-        within: int = 100
-        rewind: int = 0
-        skip_after: int = 0
-        snapshot_every: int = 100
-        max_rollbacks: int = 3
+        rollback_after: int = option(
+            3, "non-finite steps within `within` global batches that trigger a rollback (1: at the first)"
+        )
+        within: int = option(
+            100, "the window, in global batches, within which rollback_after non-finite steps trigger a rollback"
+        )
+        rewind: int = option(0, "the restored state is at least this many steps older than the first non-finite step")
+        skip_after: int = option(0, "global batches skipped after the one that triggered the rollback")
+        snapshot_every: int = option(100, "optimizer steps between in-memory snapshots")
+        max_rollbacks: int = option(
+            3, "rollbacks allowed; a further series of non-finite steps then stops the run (exit status 2)"
+        )
 
         def __post_init__(self) -> None:
             for name in ("rollback_after", "within", "snapshot_every", "max_rollbacks"):

@@ -1,36 +1,7 @@
-"""qat: quantization-aware training with torchao, switched on at a given step, and a quantized export at the end.
-
-What: the model's linear layers (all but `exclude`) are swapped for torchao `FakeQuantizedLinear`s when the model is
-built. Their fake quantizers stay off (the forward is then exactly the float one) until optimizer step `start_step`;
-from then on every forward, in training and validation, rounds the weights (and, for the int8/int4 scheme, the
-activations) as the quantized model will, with straight-through gradients, so the weights learn to sit well on the
-quantization grid. Whether fake quantization is on is derived from the step, so a resumed or rolled-back run is in
-the right state. The parameters and their names are those of the float model: checkpoints, resume, `init_from`
-and the Hugging Face export (release) work as without the plugin and hold float weights. At the end of training
-(with `export`) the float weights are quantized for real (torchao PTQ with the same scheme; its numerics equal the
-fake quantization's) and written to `<run.dir>/quantized/step-NNNNNNNN/`: `model.pt` (the state dict; quantized
-weights are torchao tensor subclasses) and `lit_open.json` (scheme, group size, quantized layers, step, model
-config, latest held-out loss); `load_quantized(dir)` rebuilds that model. A `qat` event records each switch and
-the export. Training with fake quantization on costs a few extra elementwise passes per linear layer.
-
-Why: quantizing a model after training (PTQ) to 4-bit weights loses noticeably more quality than fine-tuning it
-with the quantization error in the loop for a while first, e.g. during the anneal (torchao/torchtune QAT recipes
-for int8 dynamic activations + int4 grouped weights, the XNNPACK/ExecuTorch edge format).
-
-Options (`plugins.qat.<option>`):
-- scheme (int8_dynamic_act_int4_weight | int8_weight_only, default int8_dynamic_act_int4_weight): int8
-  per-token asymmetric dynamic activations with int4 symmetric weights in groups of `group_size` input features;
-  or int8 symmetric per-output-channel weights with float activations.
-- group_size (int, default 32): input features per int4 weight scale; must divide every quantized layer's
-  in_features (int8_weight_only ignores it).
-- start_step (int, default 0): fake quantization is on for the updates after this many optimizer steps
-  (0: from the start; e.g. the first step of the anneal).
-- exclude (list of module-name patterns, fnmatch style, default [output]): linear layers kept in high precision.
-  The embeddings are not linear layers and always stay; a head tied to the embeddings must be excluded.
-- export (bool, default true): write the quantized model at the end of training.
-
-Strategies: one process, ddp and fsdp (FSDP2 shards the float weights; each forward fake-quantizes the gathered
-ones). Tensor parallelism (tp, fsdp_tp, a tensor_parallel_size above 1) and strategy.float8 are refused at start-up.
+"""qat: torchao quantization-aware training of the linear layers from a given step (int8 dynamic activations + int4
+grouped weights, or int8 weight-only), checkpoints staying float, and the really quantized model written to
+`<run.dir>/quantized/step-N/` at the end (`load_quantized`). Design, strategies and options: docs/plugins/qat.md;
+`lit-open list plugins` shows the options and their defaults.
 """
 
 from __future__ import annotations
@@ -38,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +17,14 @@ import torch
 from torch import nn
 
 from lit_open.checkpoint.atomic import atomic_directory
+from lit_open.checkpoint.hf import METADATA_FILE
 from lit_open.errors import UserError
 from lit_open.model import ModelConfig, Transformer
-from lit_open.plugin import Plugin
-from lit_open.state import full_state_dict
+from lit_open.parallel import full_state_dict
+from lit_open.plugin import Plugin, option
 
 SCHEMES = ("int8_dynamic_act_int4_weight", "int8_weight_only")
 WEIGHTS_FILE = "model.pt"
-METADATA_FILE = "lit_open.json"
 METADATA_FORMAT = "lit-open-qat/1"
 
 
@@ -63,6 +34,7 @@ def ptq_config(scheme: str, group_size: int | None):
     Both produce `IntxUnpackedToInt8Tensor` weights, which run on the CPU (torchao's packed int4 formats need GPU
     kernels or extra packages to convert).
     """
+    # torchao takes seconds to import, and this module is imported whenever the installed plugins are listed
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
@@ -82,7 +54,7 @@ def quantized_layer_names(model: nn.Module, exclude: list[str]) -> list[str]:
 
 def quantize(model: nn.Module, scheme: str, group_size: int | None, layers: list[str]) -> nn.Module:
     """Quantize the named linear layers of a float model for real (in place); returns the model."""
-    from torchao.quantization import quantize_
+    from torchao.quantization import quantize_  # slow to import, as in scheme_config
 
     chosen = set(layers)
     quantize_(model, ptq_config(scheme, group_size), filter_fn=lambda module, name: name in chosen)
@@ -109,11 +81,21 @@ class QAT(Plugin):
 
     @dataclass
     class Config:
-        scheme: str = "int8_dynamic_act_int4_weight"
-        group_size: int = 32
-        start_step: int = 0
-        exclude: list[str] = field(default_factory=lambda: ["output"])
-        export: bool = True
+        scheme: str = option(
+            "int8_dynamic_act_int4_weight", "int8 dynamic activations + int4 grouped weights | int8_weight_only"
+        )
+        group_size: int = option(
+            32, "input features per int4 weight scale; must divide every quantized layer's in_features"
+        )
+        start_step: int = option(
+            0, "fake quantization on after this many optimizer steps (0: from the start; e.g. the anneal's start)"
+        )
+        exclude: list[str] = option(
+            ["output"], "linear layers kept in high precision (fnmatch patterns on module names)"
+        )
+        export: bool = option(
+            True, "at the end, write the quantized model to <run.dir>/quantized/step-NNNNNNNN/ (load_quantized)"
+        )
 
         def __post_init__(self) -> None:
             if self.scheme not in SCHEMES:
@@ -139,7 +121,7 @@ class QAT(Plugin):
 
     # -- building --------------------------------------------------------------------------------------------
     def on_model_built(self, model: Transformer) -> None:
-        from torchao.quantization import quantize_
+        from torchao.quantization import quantize_  # slow to import, as in scheme_config
         from torchao.quantization.qat import QATConfig
 
         linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -204,10 +186,8 @@ class QAT(Plugin):
 
     # -- Lightning hooks -------------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
-        from lit_open.train import parallel_sizes
-
-        strategy = pl_module.config.strategy
-        _, tensor_parallel = parallel_sizes(pl_module.config)
+        strategy = self.run.config.strategy
+        tensor_parallel = self.run.tensor_parallel_size
         if tensor_parallel > 1:
             raise UserError(
                 f"plugins.qat does not support tensor parallelism (strategy={strategy.name} with tensor-parallel size "
@@ -241,11 +221,11 @@ class QAT(Plugin):
         """Quantize the float weights and write the export directory on global rank 0 (every rank must call this)."""
         step = trainer.global_step
         state = full_state_dict(pl_module.model)
-        out = Path(trainer.default_root_dir) / "quantized" / f"step-{step:08d}"
+        out = self.run.run_dir / "quantized" / f"step-{step:08d}"
         if trainer.is_global_zero:
             started = time.perf_counter()
             model = quantize(self._float_model(state), self.cfg.scheme, self.cfg.group_size, list(self.layers))
-            val_step, val_loss = (pl_module.history["val/loss"] or [(None, None)])[-1]
+            val_step, val_loss = (self.run.history["val/loss"] or [(None, None)])[-1]
             metadata = {
                 "format": METADATA_FORMAT,
                 "scheme": self.cfg.scheme,
@@ -254,7 +234,7 @@ class QAT(Plugin):
                 "excluded": self.cfg.exclude,
                 "step": step,
                 "start_step": self.cfg.start_step,
-                "tokens": pl_module.consumed_batches * pl_module.tokens_per_batch,
+                "tokens": self.run.tokens_seen,
                 # the latest held-out loss so far; measured at a step >= start_step, with fake quantization on,
                 # it is the quantized model's (whose numerics equal the fake quantization's)
                 "val_loss": val_loss,
@@ -281,10 +261,7 @@ class QAT(Plugin):
     def _float_model(self, state: dict[str, torch.Tensor]) -> Transformer:
         with torch.device("meta"):
             model = Transformer(self.model_config)
-        model.load_state_dict(state, assign=True)
-        if self.model_config.tie_embeddings:
-            model.output.weight = model.tok_embeddings.weight
-        return model
+        return model.assign_weights(state)
 
     def state_dict(self) -> dict[str, Any]:
         return {"active": self.active}

@@ -1,61 +1,7 @@
-"""QK-norm as a switch: RMSNorm on the attention queries and keys, inserted into a model without it and ramped in.
-
-What: `configure_model` turns `model.qk_norm` from `none` into `mode` (`full`: one RMSNorm over the flat
-projection of all heads, OLMo 2's; `head`: one RMSNorm over each head's `head_dim`, shared by the heads), so the
-model gets `q_norm` / `k_norm` with a gain of 1 and nothing else changes (the other parameters draw the same
-initial values: each is seeded by its own name). A forward hook on every q_norm and k_norm then returns
-`alpha * norm(x) + (1 - alpha) * x`: at alpha = 0 the model computes exactly what it computed without QK-norm
-(returning `x` itself, so a checkpoint trained without QK-norm gives the same outputs at the first step), and
-alpha goes linearly from 0 to 1 over `ramp_steps` optimizer steps after the plugin activates:
-`alpha = clamp((global_step - activation_step) / ramp_steps, 0, 1)`, global_step counting the updates applied
-before the batch. Being a function of the step, a resumed or rolled-back run gets the right value; the
-activation step is saved in checkpoints with the plugin's state. Each metrics row gets `qk_norm/alpha`, the blend
-its update was computed with. With `start=on_rollback` the plugin is dormant (alpha = 0) until a rollback asks
-for `qk_norm` in its `escalate` list (`spike_rollback` can be told to), and ramps in from the restored step.
-
-At activation (`calibrate=true`) the gains are set from the first training batch: one extra forward pass without
-gradients measures, per layer, the mean RMS of q and of k before the norm (full: each token's RMS over the flat
-width; head: each head's RMS over head_dim), averaged over all processes, and every gain of that norm is set to
-it. Fully ramped in, q and k then keep their typical magnitude (hence the attention logits their typical scale)
-instead of being forced to RMS 1, which would flatten the attention of a trained model.
-
-When the model config already has `qk_norm=mode` (the OLMo 2 recipes), nothing is inserted and the plugin only
-records that (`already_on`), so a recipe can list it harmlessly; the other kind is refused (full-width and
-per-head gains are not interconvertible).
-
-Why: OLMo 2 ("2 OLMo 2 Furious", 2024) and others normalise q and k to keep the attention logits from growing,
-one source of loss spikes. Inserting the norm into a trained model is not function-preserving for any gain (the
-norm divides by each token's own RMS), hence the blend: the model starts from its own function and the loss
-follows the blend, instead of jumping when the norm appears at once (ramp_steps=0 does that).
-
-How: the hooks are registered in `on_model_built`, before parallelisation. alpha is one 0-dim float32 tensor on
-the training device, updated in place at each batch, so compiled blocks see a changing value, not a new constant;
-the hook returns `x` while alpha = 0 (the norm's gain then gets no gradient and stays untouched; the norm itself
-is still computed, a small cost while dormant) and the norm's output once alpha = 1 (no blend cost), so a
-compiled block is recompiled at most twice. Under tensor parallelism
-the hook sees the DTensors of ShardedNorm (the blend is elementwise, the calibration statistics are taken over the
-whole width); activation checkpointing recomputes the blend with the same alpha; under FSDP2 the gains are
-written into each process's shard.
-
-Events (`qk_norm`, by `action`): `inserted` (at each train start: mode, ramp_steps, start, activation step, alpha)
-or `already_on`; `activated` (step and reason: start or rollback); `calibrated` (the gains, per layer, and their
-min/mean/max); `ramped_in` (alpha reached 1).
-
-Caveats: while dormant or ramping, the model is not a plain QK-norm model: the checkpoint holds q_norm/k_norm
-weights (its saved run config keeps `model.qk_norm` as given), and anything that rebuilds the model with QK-norm
-from it without this plugin, such as an export to Hugging Face OLMo 2, computes the alpha = 1 model: faithful
-only once alpha = 1. Resuming such a checkpoint needs the plugin with the same mode; `lit-open eval` hands the
-plugin its saved state, so a checkpoint is scored with its own alpha. A checkpoint trained without QK-norm resumes
-with the plugin (the way to switch QK-norm on in a run that needs it): the gains, its `new_parameters()`, start
-fresh with empty optimizer state, and the blend starts at alpha = 0 from the resumed step. The plugin cannot
-remove QK-norm from a model that has it.
-
-Options (`plugins.qk_norm.<option>`):
-- mode (full | head, default full): full-width (OLMo 2) or per-head QK-norm.
-- ramp_steps (int >= 0, default 100): optimizer steps over which alpha goes from 0 to 1; 0: on at once.
-- start (now | on_rollback, default now): activate when training starts, or at the first rollback that
-  escalates `qk_norm`.
-- calibrate (bool, default true): set the gains to q's and k's mean RMS at activation; false: gains of 1.
+"""qk_norm: QK-norm as a switch. It turns QK-norm on (full width as OLMo 2, or per head) and, in a model trained without
+it, inserts it with unchanged outputs (gains calibrated to q's and k's typical RMS) and blends it in over
+`ramp_steps`; or it stays dormant until a rollback escalates it. Design, caveats, events and options:
+docs/plugins/qk_norm.md; `lit-open list plugins` shows the options and their defaults.
 """
 
 from __future__ import annotations
@@ -67,10 +13,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from lit_open.errors import UserError
-from lit_open.plugin import Plugin, RolledBack
+from lit_open.plugin import Plugin, RolledBack, option
 
 MODES = ("full", "head")
 STARTS = ("now", "on_rollback")
@@ -84,10 +31,19 @@ class QKNorm(Plugin):
 
     @dataclass
     class Config:
-        mode: str = "full"
-        ramp_steps: int = 100
-        start: str = "now"
-        calibrate: bool = True
+        mode: str = option(
+            "full", "full: one RMSNorm over all heads' width (OLMo 2) | head: one over each head's head_dim"
+        )
+        ramp_steps: int = option(
+            100, "optimizer steps over which alpha (the blend towards the normed q, k) goes 0 -> 1; 0: on at once"
+        )
+        start: str = option(
+            "now",
+            "now: when training starts | on_rollback: dormant until a rollback escalates qk_norm (spike_rollback)",
+        )
+        calibrate: bool = option(
+            True, "set the gains to q's and k's mean RMS at activation (keeps their scale); false: gains of 1"
+        )
 
         def __post_init__(self) -> None:
             if self.mode not in MODES:
@@ -272,7 +228,7 @@ class QKNorm(Plugin):
             return
         step = trainer.global_step
         if self.activation_step is not None and not self.calibrated:
-            if batch["data_step"] >= getattr(pl_module, "consumed_batches", 0):  # one that will be trained on
+            if batch["data_step"] >= self.run.consumed_batches:  # one that will be trained on
                 self._calibrate(trainer, pl_module, batch)
         value = self.set_step(step)
         if value == 1.0 and not self._ramped_in_logged:
@@ -343,8 +299,6 @@ def mean_rms(x: torch.Tensor) -> torch.Tensor:
 
 def reshard(model: nn.Module | None) -> None:
     """Put every FSDP2 module back to its sharded parameters (a no-op without FSDP2)."""
-    from torch.distributed.fsdp import FSDPModule
-
     for module in model.modules() if model is not None else ():
         if isinstance(module, FSDPModule):
             module.reshard()

@@ -1,92 +1,35 @@
-"""samples: generate from fixed prompts every N steps, greedy and sampled, so a human sees the model improve.
-
-What: at every `every_n_steps`-th optimizer step (and when training starts and ends, with `at_start` / `at_end`),
-each prompt is continued by up to `max_new_tokens` tokens greedily and `num_sampled` times by sampling
-(`temperature`, `top_k`), with `lit_open.generate`. The LLM360 team calls this test-out generation: a loss curve says
-that the model improves, the text says how (first repeated spaces, then keywords, then plausible lines). Written to:
-- `<run.dir>/samples.jsonl`, one line per prompt per occasion: step, tokens (seen so far), prompt, greedy, sampled
-  (a list), temperature, top_k, seed, seconds (the whole occasion's generation time);
-- a `samples` event in events.jsonl (the prompt count, the seconds and the first prompt's greedy text, truncated);
-- TensorBoard text (`samples/prompt_<i>`) when the TensorBoard logger is on, and one console line per prompt.
-
-Prompts are encoded as training documents are (lit_open.data.prepare): after an end-of-document token, as a
-document starts right after the previous one's EOS, with the tokenizer's own special tokens only when the data was
-prepared with add_special_tokens. A continuation ends at EOS. The tokenizer is the run's (`data.tokenizer`, or the
-one next to the prepared sources).
-
-Determinism: the sampling generator is seeded from (run.seed, step), so every rank draws the same tokens (a
-sharded model needs all ranks to generate together; global rank 0 writes) and two identical runs, or a resumed
-one, write the same text. The model is put in eval mode for generation and back afterwards; the training RNG is
-not touched. After a rollback the steps trained again are sampled again: the file keeps both, in order. A resumed
-run drops the lines after the step it resumes from (a crashed session may have written them) and does not sample
-that step again when the file already has it (it does when it is due and the file lacks it); a fresh run starts
-the file anew. So the file of a crashed and resumed run equals the uninterrupted run's, sampled text included
-(timings aside).
-
-Options (`plugins.samples.<option>`):
-- prompts (list of strings, default ["def ", "import ", "class ", "The "]): the texts to continue.
-- every_n_steps (int, default 500; 0: only at start/end), at_start (bool, default true: the initial model of a
-  fresh run), at_end (bool, default true: the final model).
-- max_new_tokens (int, default 48), temperature (float > 0, default 0.8), top_k (int >= 1 or null, default 50),
-  num_sampled (sampled continuations per prompt, default 1; 0: greedy only).
+"""samples: greedy and sampled continuations of fixed prompts every N steps (and at the start and end), so that a human
+sees the model improve (LLM360's test-out generation), in `<run.dir>/samples.jsonl`, an event, TensorBoard text and
+the console; seeded by (run.seed, step), so reruns and resumed runs write the same text. Design and options:
+docs/plugins/samples.md; `lit-open list plugins` shows the options and their defaults.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from tokenizers import Tokenizer
 
-from lit_open.convert import run_tokenizer_dir
+from lit_open.data.tokenizer import RunTokenizer, run_tokenizer
 from lit_open.errors import UserError
 from lit_open.generate import generate
-from lit_open.plugin import Plugin
-from lit_open.progress import trainer_console
+from lit_open.plugin import Plugin, option
+from lit_open.train.progress import trainer_console
 
 SAMPLES_FILE = "samples.jsonl"
 CONSOLE_CHARS = 100  # a console line shows this much of a continuation
 EVENT_CHARS = 60
 
 
-@dataclass
-class PromptEncoding:
-    """How the run's training documents were tokenized, so that prompts look like the start of one."""
-
-    tokenizer: Tokenizer
-    eos_id: int
-    add_special_tokens: bool
-
-    def encode(self, prompt: str) -> list[int]:
-        return [self.eos_id, *self.tokenizer.encode(prompt, add_special_tokens=self.add_special_tokens).ids]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-
-def prompt_encoding(config: dict[str, Any]) -> PromptEncoding:
-    """The run's tokenizer and EOS from its config (as a dict): the training sources' manifest when there is one."""
-    from lit_open.data.prepare import MANIFEST, load_tokenizer, resolve_eos
-
-    directory = run_tokenizer_dir(config)
-    if directory is None:
-        raise UserError(
-            "plugins.samples needs the run's tokenizer to encode its prompts, but neither data.tokenizer nor the "
-            "directories of data.sources hold a tokenizer.json. Set data.tokenizer=PATH/tokenizer.json."
-        )
-    tokenizer = load_tokenizer(directory)
-    for source in config.get("data", {}).get("sources", []):
-        manifest = Path(source["path"]).expanduser() / MANIFEST
-        if manifest.is_file():
-            info = json.loads(manifest.read_text())
-            return PromptEncoding(tokenizer, info["tokenizer"]["eos_id"], info.get("add_special_tokens", False))
-    return PromptEncoding(tokenizer, resolve_eos(tokenizer, directory)[1], False)
+def prompt_encoding(config: dict[str, Any]) -> RunTokenizer:
+    """How the run's documents were encoded: prompts are encoded as the start of one."""
+    return run_tokenizer(config, "plugins.samples")
 
 
 def sampling_seed(run_seed: int, step: int) -> int:
@@ -101,14 +44,18 @@ class Samples(Plugin):
 
     @dataclass
     class Config:
-        prompts: list[str] = field(default_factory=lambda: ["def ", "import ", "class ", "The "])
-        every_n_steps: int = 500
-        at_start: bool = True
-        at_end: bool = True
-        max_new_tokens: int = 48
-        temperature: float = 0.8
-        top_k: int | None = 50
-        num_sampled: int = 1
+        prompts: list[str] = option(
+            ["def ", "import ", "class ", "The "], "texts to continue, encoded as the start of a training document"
+        )
+        every_n_steps: int = option(500, "optimizer steps between occasions (0: only at start/end)")
+        at_start: bool = option(
+            True, "also sample the initial model (or, resumed, the step resumed from unless already sampled)"
+        )
+        at_end: bool = option(True, "also sample the final model")
+        max_new_tokens: int = option(48, "tokens generated per continuation (fewer when EOS comes first)")
+        temperature: float = option(0.8, "temperature of the sampled continuations (greedy is always written)")
+        top_k: int | None = option(50, "sample among the k most likely tokens (null: all)")
+        num_sampled: int = option(1, "sampled continuations per prompt (0: greedy only)")
 
         def __post_init__(self) -> None:
             if not self.prompts or not all(isinstance(p, str) and p for p in self.prompts):
@@ -134,14 +81,12 @@ class Samples(Plugin):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self.encoding: PromptEncoding | None = None
-        self._last_step = -1  # the step of the last update seen (or the one training started from)
+        self.encoding: RunTokenizer | None = None
         self._sampled_step = -1  # the step sampled last
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.encoding = prompt_encoding(asdict(pl_module.config))
+        self.encoding = prompt_encoding(asdict(self.run.config))
         step = trainer.global_step
-        self._last_step = step
         on_file = self._restart_file(trainer, step) if trainer.is_global_zero else None
         self._sampled_step = step if trainer.strategy.broadcast(on_file, src=0) else -1
         # a resumed run samples its first step only if the interrupted session was due to and did not get to it
@@ -149,11 +94,7 @@ class Samples(Plugin):
         if due and self._sampled_step != step:
             self.sample(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step == self._last_step or batch["micro"] + 1 != batch["n_micro"]:
-            return  # mid-accumulation, or the update was skipped
-        self._last_step = step
+    def on_step_end(self, trainer, pl_module, step: int) -> None:
         if self._due(step):
             self.sample(trainer, pl_module)
 
@@ -163,7 +104,7 @@ class Samples(Plugin):
 
     def on_rollback(self, trainer, pl_module, rolled_back) -> None:
         # the restored state was sampled (or not) the first time round; the steps after it are new models
-        self._last_step = self._sampled_step = rolled_back.to_step
+        self._sampled_step = rolled_back.to_step
 
     def _due(self, step: int) -> bool:
         return bool(self.cfg.every_n_steps) and step % self.cfg.every_n_steps == 0
@@ -174,8 +115,8 @@ class Samples(Plugin):
         self._sampled_step = step
         model = pl_module.model
         cfg = self.cfg
-        seed = sampling_seed(pl_module.config.run.seed, step)
-        prompts = [self.encoding.encode(p) for p in cfg.prompts]
+        seed = sampling_seed(self.run.config.run.seed, step)
+        prompts = [self.encoding.encode_document_start(p) for p in cfg.prompts]
         stop_ids = [self.encoding.eos_id]
         started = time.perf_counter()
         was_training = model.training
@@ -202,7 +143,7 @@ class Samples(Plugin):
         records = [
             {
                 "step": step,
-                "tokens": pl_module.consumed_batches * pl_module.tokens_per_batch,
+                "tokens": self.run.tokens_seen,
                 "prompt": prompt,
                 "greedy": decode(greedy[i]),
                 "sampled": [decode(s) for s in sampled[i * cfg.num_sampled : (i + 1) * cfg.num_sampled]],

@@ -1,35 +1,20 @@
-"""skip_step: skip an optimizer update whose loss or gradient norm is an outlier against the recent steps.
-
-What: before each optimizer step, the step's loss and gradient norm (before clipping; both already agreed across
-ranks) are compared with the last `window` accepted steps: the update is skipped when either exceeds its mean by
-more than `sigma` standard deviations, or is not finite. A skipped update leaves the weights, the optimizer's
-moments, the LR schedule and the step counter untouched (the batch is consumed; the next batch is asked for the
-same step) and is recorded in events.jsonl as a `skip` event with the values and thresholds.
-
-Why: a single bad batch or a numerical blow-up can throw AdamW's moments off for thousands of steps; dropping that
-one update costs a batch. The detector follows OLMo-core's SkipStepOptimizer (window 128, 6 sigma, upward only,
-no decision before half a window of history) with one difference: skipped values do not enter the history, so a
-burst of spikes does not widen the band that lets the next one through.
-
-Options (`plugins.skip_step.<option>`):
-- window (int, default 128): accepted steps the mean and standard deviation are taken over.
-- sigma (float, default 6.0): how many standard deviations above the mean make an outlier.
-- min_history (int, default 0 = window // 2): accepted steps needed before anything is skipped (non-finite values
-  are skipped from the first step).
-- watch (list, default [loss, grad_norm]): which of the step's metrics are tested.
+"""skip_step: an update whose loss or grad norm exceeds mean + sigma x std of the recent accepted steps (or is not
+finite) is skipped: weights, optimizer moments, schedule and step counter untouched (OLMo-core's rule, skipped values
+kept out of the window). Design and options: docs/plugins/skip_step.md; `lit-open list plugins` shows the options and
+their defaults.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lit_open.errors import UserError
-from lit_open.plugin import Plugin
+from lit_open.plugin import Plugin, option
 
 WATCHABLE = ("loss", "grad_norm")
 
@@ -41,10 +26,12 @@ class SkipStep(Plugin):
 
     @dataclass
     class Config:
-        window: int = 128
-        sigma: float = 6.0
-        min_history: int = 0
-        watch: list[str] = field(default_factory=lambda: list(WATCHABLE))
+        window: int = option(128, "accepted steps the mean and standard deviation are taken over (OLMo-core: 128)")
+        sigma: float = option(6.0, "standard deviations above the mean that make an outlier (OLMo-core: 6)")
+        min_history: int = option(
+            0, "accepted steps before anything is skipped; 0: window // 2 (non-finite values always are)"
+        )
+        watch: list[str] = option(list(WATCHABLE), "which of the step's metrics are tested")
 
         def __post_init__(self) -> None:
             if self.window < 2:

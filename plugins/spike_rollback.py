@@ -1,66 +1,22 @@
-"""spike_rollback: detect loss spikes, let benign ones pass, and roll back from malignant ones, skipping their data.
-
-What: each optimizer step's loss (and, if watched, its gradient norm before clipping; both already agreed across
-ranks) is tested against a rolling window of the last `window` normal steps. A spike begins at the first step whose
-value is both more than `z_threshold` standard deviations above the window's mean and more than `ratio_threshold`
-times that mean (the ratio test keeps a very quiet loss, with a tiny deviation, from raising false alarms). From then
-on each step is compared with that pre-spike baseline:
-- benign: the value is back (within `recover_z` deviations or `recover_ratio` times the mean) within `patience`
-  global batches (batches, not updates: a skipped update does not stop the clock). Logged as a `spike` event
-  (phase `benign`, with its length and peak); nothing else happens, as in K2's report, where most spikes
-  recovered on their own.
-- malignant: still up after `patience` batches. The trainer rolls the model, optimizer, LR schedule, RNGs and
-  step counter back to an in-memory snapshot from at least `rewind` steps before the spike began, and goes on
-  with data it has not seen: the global batches trained since that snapshot are undone and the next `skip_after`
-  batches are skipped too (PaLM restarted about 100 steps before a spike and skipped 200-500 batches).
-  Optionally the LR is multiplied by `lr_factor` for the `lr_steps` updates after the rollback, and other
-  plugins are asked to switch features on (`escalate: [qk_norm]` with `plugins.qk_norm.start=on_rollback`).
-
-A value that is not finite starts a spike as well (and never counts as recovered): with `nan_guard`, which skips
-that update, training goes on and the spike is benign; without it the NaN update spoils the weights and the spike
-is rolled back `patience` batches later. Use both in long runs.
-
-Rollbacks are decided on global rank 0 and carried out on every rank (see `Plugin.rollback`). The trainer writes a
-`rollback` event with the restored step and the data steps undone and skipped (`[first, end)`), moves checkpoints
-written after the restored step to `checkpoints/rolled-back/` (so that `resume=auto` cannot pick a state from the
-bad trajectory), and marks the data-sequence log. After `max_rollbacks` rollbacks, a further malignant spike stops
-the run with a clear error (exit status 2): repeated spikes call for a change of recipe, not more rollbacks.
-
-Memory: the trainer keeps snapshots every `snapshot_every` steps in CPU memory, as many as are needed to reach
-`patience + rewind + 1` steps back (two with the defaults); each holds this process's share of the parameters and
-optimizer state (about 12 bytes per parameter for fp32 AdamW, divided by the number of sharding ranks). The
-`snapshots` event gives the size.
-
-State: the detector's window, any spike in progress, the rollbacks done and the LR lowering survive a resume (they
-are in the checkpoint), so a resumed run keeps its rollback budget and knows what it skipped.
-
-Options (`plugins.spike_rollback.<option>`):
-- watch (list, default [loss]): loss and/or grad_norm.
-- window (int, default 128), min_history (int, default 0 = window // 2): the rolling window of normal steps and the
-  steps needed before anything is flagged.
-- z_threshold (float, default 6.0), ratio_threshold (float, default 1.1): the onset tests (both must hold).
-- recover_z (float, default 2.0), recover_ratio (float, default 1.02): back to baseline if either holds.
-- patience (int, default 50): global batches a spike may last and still be benign.
-- snapshot_every (int, default 100), rewind (int, default 10): snapshot interval, and how many steps before the
-  spike's first step the restored state must be.
-- skip_after (int, default 100): global batches skipped after the spike window.
-- lr_factor (float, default 1.0), lr_steps (int, default 0): LR multiplier for the updates after a rollback.
-- max_rollbacks (int, default 3).
-- escalate (list, default []): features to switch on after a rollback (`qk_norm`).
+"""spike_rollback: loss (and optionally grad-norm) spikes are detected against a rolling window; a spike back to
+baseline within `patience` batches is benign and only logged, a malignant one is rolled back to an in-memory
+snapshot from before it, and its batches plus `skip_after` more are skipped (PaLM); optionally the LR is lowered for
+a while or QK-norm switched on. Design, memory and options: docs/plugins/spike_rollback.md; `lit-open list plugins`
+shows the options and their defaults.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lit_open.checkpoint.resumable import CheckpointWriter, checkpoint_step, list_checkpoints
+from lit_open.checkpoint.resumable import checkpoint_step, list_checkpoints
 from lit_open.errors import UserError
-from lit_open.plugin import Plugin, Rollback, RolledBack, SnapshotPolicy
+from lit_open.plugin import Plugin, Rollback, RolledBack, SnapshotPolicy, option
 
 WATCHABLE = ("loss", "grad_norm")
 ESCALATIONS = ("qk_norm",)
@@ -73,21 +29,29 @@ class SpikeRollback(Plugin):
 
     @dataclass
     class Config:
-        watch: list[str] = field(default_factory=lambda: ["loss"])
-        window: int = 128
-        min_history: int = 0
-        z_threshold: float = 6.0
-        ratio_threshold: float = 1.1
-        recover_z: float = 2.0
-        recover_ratio: float = 1.02
-        patience: int = 50
-        snapshot_every: int = 100
-        rewind: int = 10
-        skip_after: int = 100
-        lr_factor: float = 1.0
-        lr_steps: int = 0
-        max_rollbacks: int = 3
-        escalate: list[str] = field(default_factory=list)
+        watch: list[str] = option(["loss"], "loss and/or grad_norm")
+        window: int = option(128, "normal steps the baseline mean and standard deviation are taken over")
+        min_history: int = option(0, "normal steps needed before anything is flagged; 0: window // 2")
+        z_threshold: float = option(
+            6.0, "a spike starts above mean + z_threshold * std (and above ratio_threshold * mean)"
+        )
+        ratio_threshold: float = option(1.1, "a spike also needs the value above ratio_threshold * mean")
+        recover_z: float = option(2.0, "back to baseline below mean + recover_z * std (or below recover_ratio * mean)")
+        recover_ratio: float = option(1.02, "also back to baseline below recover_ratio * mean")
+        patience: int = option(50, "global batches a spike may last and still be benign")
+        snapshot_every: int = option(
+            100, "optimizer steps between in-memory snapshots (CPU memory: see the `snapshots` event)"
+        )
+        rewind: int = option(10, "the restored state is at least this many steps older than the spike's first step")
+        skip_after: int = option(100, "global batches skipped after the spike window (PaLM skipped 200-500 in all)")
+        lr_factor: float = option(1.0, "LR multiplier for the lr_steps updates after a rollback (1.0: unchanged)")
+        lr_steps: int = option(0, "updates after a rollback that train at lr_factor x the scheduled LR")
+        max_rollbacks: int = option(
+            3, "rollbacks allowed; a further malignant spike then stops the run (exit status 2)"
+        )
+        escalate: list[str] = option(
+            [], "switch features on after a rollback: [qk_norm] (with plugins.qk_norm.start=on_rollback)"
+        )
 
         def __post_init__(self) -> None:
             key = "plugins.spike_rollback"
@@ -232,9 +196,8 @@ class SpikeRollback(Plugin):
 
     def _checkpoint_advice(self, onset: int) -> str:
         """Which checkpoint to resume from: the newest written before the spike began (resume=auto may be newer)."""
-        callbacks = self._trainer.callbacks if self._trainer is not None else []
-        writer = next((c for c in callbacks if isinstance(c, CheckpointWriter)), None)
-        found = list_checkpoints(writer.directory) if writer is not None else []
+        directory = self._run.checkpoint_dir if self._run is not None else None
+        found = list_checkpoints(directory) if directory is not None else []
         before = [p for p in found if checkpoint_step(p) < onset]
         if not before:
             return "No checkpoint from before the spike is on disk: start again from an earlier run or from scratch."

@@ -1,20 +1,6 @@
-"""z-loss: `coefficient * mean(logsumexp(logits)**2)` added to the loss of every micro-batch.
-
-What: the squared log-partition `Z = logsumexp(logits)` of each token's output distribution, averaged over the
-tokens of the micro-batch that have a target (the same tokens as the cross-entropy), times `coefficient`. It is
-added to the training loss and logged on its own as `train/z_loss` (averaged over the micro-batches of the step,
-like `train/loss`; `train/loss` stays the plain cross-entropy).
-
-Why: the softmax is invariant to a shift of the logits, so nothing in the cross-entropy stops them drifting to
-large magnitudes, where bfloat16 rounding and the softmax become unstable. The z-loss pulls `log Z` towards 0,
-which keeps the logits centred and small (PaLM, Chowdhery et al. 2022, coefficient 1e-4; OLMo 2, "2 OLMo 2
-Furious" 2024, 1e-5 as one of its stability changes).
-
-Cost: none worth measuring. The per-token logsumexp is computed by the loss anyway (`lit_open.loss.lm_loss`
-returns it with its gradient, chunk by chunk), so no logits are recomputed or kept.
-
-Options (`plugins.z_loss.<option>`):
-- coefficient (float, default 1e-4): the weight of the term; 0 logs the z-loss without training on it.
+"""z_loss: coefficient x mean(logsumexp(logits)^2) over the tokens with a target added to every micro-batch's loss and
+logged as `train/z_loss` (PaLM; OLMo 2), from the per-token logsumexp the chunked loss computes anyway. Design and
+options: docs/plugins/z_loss.md; `lit-open list plugins` shows the options and their defaults.
 """
 
 from __future__ import annotations
@@ -24,9 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from lit_open.errors import UserError
-from lit_open.plugin import Plugin, StepOutputs
-
-IGNORE_INDEX = -100  # targets that take no loss (lit_open.loss.lm_loss's default)
+from lit_open.plugin import Plugin, StepOutputs, option
+from lit_open.train.loss import IGNORE_INDEX
 
 
 class ZLoss(Plugin):
@@ -36,7 +21,9 @@ class ZLoss(Plugin):
 
     @dataclass
     class Config:
-        coefficient: float = 1e-4
+        coefficient: float = option(
+            1e-4, "weight of the term (PaLM 1e-4, OLMo 2 1e-5); 0 logs it without training on it"
+        )
 
         def __post_init__(self) -> None:
             if not self.coefficient >= 0:  # also refuses nan

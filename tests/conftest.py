@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lit_open.plugin import Plugin
+from lit_open.plugin import Plugin, RunState
+from lit_open.train.events import EventLog
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,6 +87,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def bind_run(plugin: Plugin, run_dir: Path | None = None, config=None, **fields) -> RunState:
+    """Give a plugin driven outside a Trainer the RunState LitLM would bind (events in run_dir/events.jsonl)."""
+    events = EventLog(run_dir / "events.jsonl" if run_dir is not None else None)
+    run = RunState(config=config, run_dir=run_dir, events=events, tokens_per_batch=fields.pop("tokens_per_batch", 0))
+    for key, value in fields.items():
+        setattr(run, key, value)
+    plugin.bind(run)
+    return run
 
 
 class Crash(Exception):

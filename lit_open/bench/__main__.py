@@ -88,6 +88,7 @@ def envelope(command: str, argv: list[str], result: dict[str, Any]) -> dict[str,
 
 
 def describe_device(device_type: str) -> dict[str, Any]:
+    # torch and the benchmark modules are imported once a benchmark runs: `--help` and option errors are instant
     import torch
 
     if device_type == "cuda" and torch.cuda.is_available():
@@ -105,7 +106,7 @@ def describe_device(device_type: str) -> dict[str, Any]:
 
 
 def versions() -> dict[str, Any]:
-    import torch
+    import torch  # as in describe_device
 
     import lit_open
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from lit_open.bench.measure import max_rss_bytes
 from lit_open.errors import UserError
-from lit_open.loss import lm_loss, naive_lm_loss
+from lit_open.train.loss import lm_loss, naive_lm_loss
 
 VARIANTS = ("naive", "chunked")
 WARMUP_TOKENS = 16

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+import lit_open.train.runner as train_module
+from lit_open.compose import load_train_config
 from lit_open.errors import UserError
 
 
@@ -69,9 +71,6 @@ def timed_plugin(plugin: Any, clock: dict[str, float]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import lit_open.train as train_module
-    from lit_open.compose import load_train_config
-
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here; use --device cpu.")
     settings = [

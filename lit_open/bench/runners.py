@@ -2,7 +2,7 @@
 
 - `lightning`: the real `LitLM` through `lightning.Trainer` (manual optimization, gradient clipping, the LR
   schedule, its per-step metrics), with loggers, checkpointing and the progress bar off;
-- `bare`: a plain PyTorch loop doing the same work (forward, `lit_open.loss.lm_loss`, backward, clip, AdamW, LR
+- `bare`: a plain PyTorch loop doing the same work (forward, `lit_open.train.loss.lm_loss`, backward, clip, AdamW, LR
   schedule): the reference that Lightning's overhead is measured against;
 - `litgpt`: litgpt's `GPT` with the same sizes, initialised as litgpt's pretraining script does, with lit-open's
   optimizer and loss, when `import litgpt` works.
@@ -18,20 +18,27 @@ import logging
 import math
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from torch.distributed.device_mesh import init_device_mesh
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 
 from lit_open.bench.measure import peak_memory, synchronized_clock
 from lit_open.config import TrainConfig
-from lit_open.loss import lm_loss
 from lit_open.model import ModelConfig, Transformer
-from lit_open.optim import build_optimizer, build_scheduler
-from lit_open.parallel import DTYPES, after_optimizer_step, materialize, parallelize
+from lit_open.parallel import after_optimizer_step, apply_fsdp, materialize, parallelize
+from lit_open.train.loss import lm_loss
+from lit_open.train.module import LitLM
+from lit_open.train.optim import build_optimizer, build_scheduler
+from lit_open.train.runner import build_strategy, parallel_sizes
 
 
 @dataclass
@@ -97,8 +104,6 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 @contextlib.contextmanager
 def single_process_group(device: torch.device) -> Iterator[None]:
     """A world of one process, for FSDP2 on one device; Lightning's ModelParallelStrategy reuses it."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         yield
         return
@@ -112,8 +117,6 @@ def single_process_group(device: torch.device) -> Iterator[None]:
 
 
 def _single_device_mesh(device: torch.device):
-    from torch.distributed.device_mesh import init_device_mesh
-
     return init_device_mesh(device.type, (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
 
 
@@ -138,11 +141,6 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 
 def run_lightning(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
     """The real LitLM through lightning.Trainer, as `lit-open train` runs it minus loggers, checkpoints, progress."""
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
-
-    from lit_open.module import LitLM
-    from lit_open.train import build_strategy, parallel_sizes
 
     class StepTimer(Callback):
         """Wall time from the end of the last warmup step to the end of the last step (all of the loop inside),
@@ -153,7 +151,7 @@ def run_lightning(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if batch_idx == 0:
-                self.first_loss = pl_module.last_metrics["train/loss"]
+                self.first_loss = pl_module.run.last_metrics["train/loss"]
             if batch_idx == bench.warmup - 1:
                 self.start = synchronized_clock(bench.device)
             if batch_idx == bench.warmup + bench.steps - 1:
@@ -191,7 +189,7 @@ def run_lightning(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
     return {
         "seconds": timer.end - timer.start,
         "first_loss": timer.first_loss,
-        "loss": module.last_metrics["train/loss"],
+        "loss": module.run.last_metrics["train/loss"],
         **peak_memory(bench.device),
     }
 
@@ -233,7 +231,7 @@ def _train_loop(
     """Steps of forward + loss (under autocast for bf16-mixed), backward, clip, AdamW, LR schedule; the steps after
     the warmup are timed, fetching the batches included (as in Lightning's loop). The first step's loss is read
     back at once (the first step is always a warmup step), the others only at the end."""
-    from lit_open.module import clip_gradients  # LitLM's own; lit_open.module imports lightning, hence here
+    from lit_open.train.module import clip_gradients  # LitLM's own; lit_open.train.module imports lightning, hence here
 
     total = bench.warmup + bench.steps
     optimizer = build_optimizer(model, cfg.optim)
@@ -277,9 +275,7 @@ def litgpt_unavailable() -> str | None:
 
 def litgpt_config(config: ModelConfig):
     """A litgpt.Config with the sizes and layout of `config` (keys this litgpt version lacks are left out)."""
-    from dataclasses import fields
-
-    from litgpt import Config
+    from litgpt import Config  # litgpt is optional: the benchmark skips its runner when it does not import
 
     kwargs = {
         "name": f"lit-open-{config.name}",
@@ -316,7 +312,7 @@ def init_litgpt_weights(model: torch.nn.Module) -> None:
     `reset_parameters` in `model.modules()` order (norms to one, the RoPE cache), drawing from torch's generator in
     litgpt's order. Without it, GPT keeps PyTorch's default initialisation (embedding ~ N(0, 1)), whose first-step
     loss is far above ln(vocab)."""
-    from litgpt.model import CausalSelfAttention, LLaMAMLP
+    from litgpt.model import CausalSelfAttention, LLaMAMLP  # optional, as in litgpt_config
     from litgpt.utils import reset_parameters
 
     n_layer, n_embd = model.config.n_layer, model.config.n_embd
@@ -337,9 +333,7 @@ def init_litgpt_weights(model: torch.nn.Module) -> None:
 
 def run_litgpt(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
     """litgpt's GPT with the same sizes, lit-open's optimizer and loss, and the same compile/AC/FSDP2 switches."""
-    from litgpt.model import GPT
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.utils.checkpoint import checkpoint
+    from litgpt.model import GPT  # optional, as in litgpt_config
 
     true_bf16 = cfg.trainer.precision == "bf16-true"
     with torch.device(bench.device), _default_dtype(torch.bfloat16) if true_bf16 else contextlib.nullcontext():
@@ -371,14 +365,7 @@ def run_litgpt(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
         for block in blocks:
             block.compile()
     if cfg.strategy.name == "fsdp":
-        s = cfg.strategy
-        policy = MixedPrecisionPolicy(
-            param_dtype=DTYPES[s.param_dtype] if s.param_dtype else None, reduce_dtype=DTYPES[s.reduce_dtype]
-        )
-        mesh = _single_device_mesh(bench.device)["data_parallel"]
-        for i, block in enumerate(blocks):
-            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+        apply_fsdp(model, blocks, _single_device_mesh(bench.device)["data_parallel"], cfg.strategy)
     model = model.to(bench.device)
 
     def loss_fn(batch: dict[str, Any]) -> torch.Tensor:

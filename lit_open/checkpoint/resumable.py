@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.distributed.checkpoint import FileSystemReader
 
 from lit_open.errors import UserError
 
 POINTER = "latest"
+CHECKPOINT_KEY = "lit_open"  # lit-open's own part of a checkpoint: the run config, data position, RNG states, ...
 ROLLED_BACK = "rolled-back"  # where checkpoints written after the state a rollback restored are moved
 SHARDED_METADATA = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
 _NAME = re.compile(r"^step-(\d{8})\.ckpt$")
@@ -56,7 +58,8 @@ def _remove(path: Path) -> None:
 
 
 class CheckpointWriter(Callback):
-    """Saves a resumable checkpoint every `every_n_steps` optimizer steps and at the end of training."""
+    """Saves a resumable checkpoint every `every_n_steps` optimizer steps and at the end of training; then calls
+    every callback's `on_checkpoint_saved`."""
 
     def __init__(self, directory: str | Path, every_n_steps: int, keep_last: int, keep_every: int = 0) -> None:
         self.directory = Path(directory)
@@ -68,8 +71,7 @@ class CheckpointWriter(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_saved = trainer.global_step  # a resumed run does not rewrite the checkpoint it came from
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        step = trainer.global_step
+    def on_step_end(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         if step != self._last_saved and step % self.every_n_steps == 0:
             self.save(trainer, pl_module)
 
@@ -94,10 +96,13 @@ class CheckpointWriter(Callback):
             self._point_to(final)
             for logger in trainer.loggers:  # so the logged history is on disk up to every checkpoint
                 logger.save()
-            pl_module.events.write(step, "checkpoint", path=str(final))
+            pl_module.run.events.write(step, "checkpoint", path=str(final))
             self._prune()
         trainer.strategy.barrier("lit_open_checkpoint_done")
         self._last_saved = step
+        for callback in trainer.callbacks:
+            if callable(getattr(callback, "on_checkpoint_saved", None)):
+                callback.on_checkpoint_saved(trainer, pl_module, step, final)
         return final
 
     def _point_to(self, checkpoint: Path) -> None:
@@ -120,7 +125,7 @@ class CheckpointWriter(Callback):
                     self._point_to(kept[-1])
                 else:
                     (self.directory / POINTER).unlink(missing_ok=True)
-                pl_module.events.write(
+                pl_module.run.events.write(
                     rolled_back.to_step, "checkpoints_moved", to=str(aside), paths=[p.name for p in newer]
                 )
         trainer.strategy.barrier("lit_open_rollback_checkpoints")
@@ -160,8 +165,6 @@ def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
 
 def _check_shards(path: Path) -> None:
     """Every shard file that the distributed checkpoint's index names must be there, and long enough."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     metadata = FileSystemReader(str(path)).read_metadata()
     for info in metadata.storage_data.values():
         shard = path / info.relative_path
@@ -180,7 +183,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             _check_shards(path)
         file = path / SHARDED_METADATA if path.is_dir() else path
         checkpoint = torch.load(file, map_location="cpu", mmap=True, weights_only=False)
-        if not isinstance(checkpoint, dict) or "global_step" not in checkpoint or "lit_open" not in checkpoint:
+        if not isinstance(checkpoint, dict) or "global_step" not in checkpoint or CHECKPOINT_KEY not in checkpoint:
             raise ValueError("it is not a lit-open training checkpoint")
     except Exception as err:  # any failure to read means a truncated, corrupt or foreign file
         others = [p for p in list_checkpoints(path.parent) if p != path]

@@ -1,11 +1,12 @@
-"""Where a run's initial weights come from (`init_from`): a Hugging Face checkpoint or a lit-open checkpoint.
+"""Where a new run's initial weights come from (`init_from`): a Hugging Face checkpoint or a lit-open checkpoint.
 
 `init_from=hf:ORG/NAME@REVISION` (downloaded through huggingface_hub at that revision, e.g. an intermediate
 checkpoint such as `hf:LLM360/Amber@ckpt_120`), `init_from=hf:/local/dir` (a Hugging Face layout on disk) or
 `init_from=/path/to/step-NNNNNNNN.ckpt` (a lit-open checkpoint, single file or sharded directory). The source
-defines the architecture: its config replaces `model.*`, except the keys that do not change the weights
-(`USER_MODEL_KEYS`); an explicit `model=` or `model.<key>=` that contradicts it is a user error. The tokenizer of a
-Hugging Face source is the one `lit-open prepare` should use (`InitSource.tokenizer`).
+defines the architecture: its config replaces `model.*`, except the keys that do not define the weights
+(`NON_ARCHITECTURE_KEYS`); an explicit `model=` or `model.<key>=` that contradicts it is a user error. The tokenizer
+of a Hugging Face source is the one `lit-open prepare` should use (`InitSource.tokenizer`). Composing a config does
+not open the source: `lit_open.train.run` does (`apply_init_source`).
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from lit_open.checkpoint.resumable import SHARDED_METADATA
+from lit_open.checkpoint.hf import read_state_dict
+from lit_open.checkpoint.hf_config import context_length, read_config, read_config_json
+from lit_open.checkpoint.hub import CONFIG_FILE, HF_PREFIX, resolve_source
+from lit_open.checkpoint.resumable import CHECKPOINT_KEY, SHARDED_METADATA, read_checkpoint
 from lit_open.config import TrainConfig
+from lit_open.data.tokenizer import TOKENIZER_FILE
 from lit_open.errors import UserError
-from lit_open.model import ModelConfig
-
-# model keys that do not describe the weights: a run may set them whatever the source says
-USER_MODEL_KEYS = {"name", "attention", "max_seq_len", "init_std", "init_cutoff", "init_scale_output"}
-HF_PREFIX = "hf:"
+from lit_open.model.config import NON_ARCHITECTURE_KEYS, ModelConfig
 
 
 @dataclass
@@ -37,16 +39,16 @@ class InitSource:
     model: ModelConfig
     provenance: dict[str, Any] = field(default_factory=dict)  # repo, revision, commit, ... (recorded in events)
     tokenizer: Path | None = None  # tokenizer.json shipped with the source
+    # False when the source's config.json gives no context length (OLMo-core's exports): the run's is used
+    context_length_given: bool = True
 
 
 @functools.cache
 def open_source(spec: str) -> InitSource:
     """Resolve `init_from` (downloading a hub source) and read its architecture; weights are read later."""
     if spec.startswith(HF_PREFIX):
-        from lit_open.checkpoint.hf import read_config, resolve_source
-
         directory, provenance = resolve_source(spec)
-        tokenizer = directory / "tokenizer.json"
+        tokenizer = directory / TOKENIZER_FILE
         return InitSource(
             spec=spec,
             kind="hf",
@@ -54,6 +56,7 @@ def open_source(spec: str) -> InitSource:
             model=read_config(directory),
             provenance=provenance,
             tokenizer=tokenizer if tokenizer.is_file() else None,
+            context_length_given=context_length(read_config_json(directory)) is not None,
         )
     path = Path(spec).expanduser()
     if not path.exists():
@@ -61,11 +64,8 @@ def open_source(spec: str) -> InitSource:
             f"init_from={spec!r}: no such checkpoint. Give hf:ORG/NAME@REVISION (a Hugging Face hub repo at a "
             "revision), hf:/path/to/dir (a Hugging Face directory) or a lit-open checkpoint (step-NNNNNNNN.ckpt)."
         )
-    if path.is_dir() and (path / "config.json").is_file() and not (path / SHARDED_METADATA).is_file():
+    if path.is_dir() and (path / CONFIG_FILE).is_file() and not (path / SHARDED_METADATA).is_file():
         return open_source(HF_PREFIX + str(path))  # a Hugging Face directory given without the hf: prefix
-    from lit_open.checkpoint.resumable import read_checkpoint
-    from lit_open.module import CHECKPOINT_KEY
-
     saved = read_checkpoint(path)
     model = ModelConfig(**saved[CHECKPOINT_KEY]["config"]["model"])
     return InitSource(
@@ -73,14 +73,15 @@ def open_source(spec: str) -> InitSource:
     )
 
 
-def model_for_source(current: ModelConfig, source: InitSource, explicit: set[str]) -> ModelConfig:
-    """The source's architecture, with the run's own values for USER_MODEL_KEYS; a conflicting explicit key fails.
+def model_for_source(current: ModelConfig, source: InitSource, explicit: set[str], seq_len: int) -> ModelConfig:
+    """The source's architecture, with the run's own values for NON_ARCHITECTURE_KEYS; a conflicting explicit key
+    fails. A source that gives no context length gets the run's: an explicit model.max_seq_len, else `seq_len`.
 
     explicit: the model keys the user set on the command line (`model` itself for `model=PRESET`).
     """
     conflicts = {}
     for f in dataclasses.fields(ModelConfig):
-        if f.name in USER_MODEL_KEYS or f.name == "pad_vocab_multiple":
+        if f.name in NON_ARCHITECTURE_KEYS or f.name == "pad_vocab_multiple":
             continue
         mine, theirs = getattr(current, f.name), getattr(source.model, f.name)
         if ("model" in explicit or f"model.{f.name}" in explicit) and mine != theirs:
@@ -92,16 +93,21 @@ def model_for_source(current: ModelConfig, source: InitSource, explicit: set[str
             f"{listing}. Drop model=/model.* from the command line (the source's config is used), or pick another "
             "source."
         )
-    kept = {k: getattr(current, k) for k in USER_MODEL_KEYS if "model" in explicit or f"model.{k}" in explicit}
+    kept = {k: getattr(current, k) for k in NON_ARCHITECTURE_KEYS if "model" in explicit or f"model.{k}" in explicit}
     if "name" not in kept:
         kept["name"] = source.model.name
+    if not source.context_length_given and "max_seq_len" not in kept:
+        kept["max_seq_len"] = seq_len
     return dataclasses.replace(source.model, **kept)
 
 
-def apply_init_source(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
-    """The run config with the source's architecture, and its tokenizer for the data when none is given."""
+def apply_init_source(cfg: TrainConfig, explicit: set[str] | frozenset[str]) -> TrainConfig:
+    """The run config with the source's architecture, and its tokenizer for the data when none is given.
+
+    explicit: the model keys the user set on the command line (`lit_open.compose.explicit_model_keys`).
+    """
     source = open_source(cfg.init_from)
-    model = model_for_source(cfg.model, source, explicit)
+    model = model_for_source(cfg.model, source, set(explicit), cfg.data.seq_len)
     if cfg.data.seq_len > model.max_seq_len:
         raise UserError(
             f"data.seq_len={cfg.data.seq_len} exceeds the max_seq_len={model.max_seq_len} of init_from={cfg.init_from};"
@@ -116,16 +122,25 @@ def apply_init_source(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     return dataclasses.replace(cfg, model=model, data=data)
 
 
+def as_resumed_from(cfg: TrainConfig, saved: dict[str, Any], explicit: set[str] | frozenset[str]) -> TrainConfig:
+    """The run config of an init_from run that resumes: the architecture (and, when none is given, the tokenizer) its
+    checkpoint was trained with, as `apply_init_source` gave them, with the model keys given on the command line on
+    top (an architecture key that differs is then refused by the resume check)."""
+    given = {k: getattr(cfg.model, k) for k in (f.name for f in dataclasses.fields(ModelConfig))}
+    chosen = {k: v for k, v in given.items() if "model" in explicit or f"model.{k}" in explicit}
+    model = ModelConfig(**{**saved["model"], **chosen})
+    data = cfg.data
+    if data.tokenizer is None and saved.get("data", {}).get("tokenizer"):
+        data = dataclasses.replace(data, tokenizer=saved["data"]["tokenizer"])
+    return dataclasses.replace(cfg, model=model, data=data)
+
+
 def read_weights(source: InitSource) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """The source's model state (lit-open parameter names) and, for a single-file lit-open checkpoint, its
     optimizer state (None otherwise: the optimizer then starts fresh)."""
     if source.kind == "hf":
-        from lit_open.checkpoint.hf import read_state_dict
-
         return read_state_dict(source.path, source.model), None
     if source.path.is_dir():  # sharded: gather the shards into one state on this process
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
         with tempfile.TemporaryDirectory() as tmp:
             dcp_to_torch_save(str(source.path), f"{tmp}/whole.pt")
             whole = torch.load(f"{tmp}/whole.pt", map_location="cpu", weights_only=False)

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lit_open.config import DataConfig, SourceConfig
+from lit_open.data.manifest import read_manifest
 from lit_open.data.order import PhasedOrder
-from lit_open.data.prepare import read_manifest
 from lit_open.errors import UserError
 from lit_open.model.attention import doc_ids_from_tokens
 
@@ -58,19 +58,6 @@ def open_sources(sources: list[SourceConfig], block_size: int, key: str) -> list
     return opened
 
 
-def data_parallel_rank_and_size(trainer: L.Trainer) -> tuple[int, int]:
-    """This process's rank among the data-parallel replicas, and their number.
-
-    Tensor-parallel peers work on the same batch, so under a device mesh the data is split by the mesh's
-    data-parallel dimension, not by global rank.
-    """
-    mesh = getattr(trainer.strategy, "_device_mesh", None)  # set by ModelParallelStrategy once processes exist
-    if mesh is not None:
-        data_parallel = mesh["data_parallel"]
-        return data_parallel.get_local_rank(), data_parallel.size()
-    return trainer.global_rank, trainer.world_size
-
-
 def micro_batches_per_step(cfg: DataConfig, data_parallel_size: int) -> int:
     per_pass = cfg.micro_batch_size * data_parallel_size
     if cfg.global_batch_size % per_pass:
@@ -92,6 +79,7 @@ class TokenSamples(Dataset):
 
     def _open(self) -> list:
         if self._streams is None:
+            # litdata is slow to import; it is needed where the streams are opened (each DataLoader worker)
             from litdata import StreamingDataset, TokensLoader
 
             self._streams = [
@@ -160,7 +148,7 @@ class StepBatchSampler:
 class DataModule(L.LightningDataModule):
     """Training batches in the global order of `DataOrder`; held-out batches from `data.val_sources`.
 
-    The data position is `LitLM.consumed_batches` (global batches consumed so far), which the module saves in
+    The data position is `RunState.consumed_batches` (global batches consumed so far), which the module saves in
     its checkpoints: `train_dataloader` starts from it, so a resumed run sees exactly the batches the
     uninterrupted run would have seen, with any number of processes.
     """
@@ -205,10 +193,11 @@ class DataModule(L.LightningDataModule):
             self.val_sources = open_sources(self.cfg.val_sources, self.block_size, "data.val_sources")
 
     def train_dataloader(self) -> DataLoader:
-        rank, world_size = data_parallel_rank_and_size(self.trainer)
-        micro_batches_per_step(self.cfg, world_size)  # fail early on a batch size that does not divide
-        start = self.trainer.lightning_module.consumed_batches
-        self._sampler = StepBatchSampler(self.order, start, rank, world_size, self.cfg.micro_batch_size)
+        run = self.trainer.lightning_module.run
+        micro_batches_per_step(self.cfg, run.data_parallel_size)  # fail early on a batch size that does not divide
+        self._sampler = StepBatchSampler(
+            self.order, run.consumed_batches, run.data_parallel_rank, run.data_parallel_size, self.cfg.micro_batch_size
+        )
         return self._loader(self.train_sources, self._sampler)
 
     def skip_to(self, data_step: int) -> None:
@@ -218,8 +207,8 @@ class DataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sources:
             return []
-        rank, world_size = data_parallel_rank_and_size(self.trainer)
-        keys = self.val_keys()[rank::world_size]
+        run = self.trainer.lightning_module.run  # tensor-parallel peers score the same samples
+        keys = self.val_keys()[run.data_parallel_rank :: run.data_parallel_size]
         size = self.cfg.micro_batch_size
         batches = [[(s, i, -1, 0, 1) for s, i in keys[start : start + size]] for start in range(0, len(keys), size)]
         # a few batches per validation: worker processes would cost more to start than the reading they save

@@ -18,17 +18,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import itertools
 import json
-import multiprocessing
 import os
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,18 +31,23 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from lit_open.config import PrepareConfig
+from lit_open.data.manifest import FORMAT, MANIFEST, lit_open_version
 from lit_open.data.next_line import TASK_NAME, write_next_line_task
 from lit_open.data.readers import InputFile, discover, is_held_out, iter_documents
+from lit_open.data.tokenizer import (
+    DEFAULT_EOS,
+    TOKENIZER_FILE,
+    load_tokenizer,
+    resolve_eos,
+    token_dtype,
+    tokenizer_file,
+    train_bpe,
+)
 from lit_open.errors import UserError
-
-FORMAT = "lit-open-tokens/1"
-DEFAULT_EOS = "<|endoftext|>"
-EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
-MANIFEST = "manifest.json"
-TOKENIZER_FILE = "tokenizer.json"
+from lit_open.glue import litdata_optimize_sandbox
 
 _ENCODE_BATCH_DOCS = 1024  # documents handed to the Rust tokenizer at once (it encodes a batch in parallel)
 _ENCODE_BATCH_CHARS = 4 << 20
@@ -172,145 +172,6 @@ def _write_heldout_task(cfg: PrepareConfig, files: list[InputFile], out_dir: Pat
         console.print(f"  wrote an lm-eval task of {items} items from held-out documents: tasks/{TASK_NAME}/")
 
 
-def read_manifest(split_dir: str | Path) -> dict[str, Any]:
-    """The manifest of one prepared split (e.g. `<output>/train`). UserError if it is absent or invalid."""
-    split_dir = Path(split_dir).expanduser()
-    path = split_dir / MANIFEST
-    if not path.is_file():
-        hint = ""
-        if (split_dir / "train" / MANIFEST).is_file():
-            hint = f" It holds a prepared dataset: point at one of its splits, e.g. {split_dir / 'train'}."
-        elif (split_dir / "index.json").is_file():
-            hint = " It holds litdata chunks, but not ones written by `lit-open prepare`."
-        raise UserError(
-            f"{split_dir} is not a split prepared by `lit-open prepare` (no {MANIFEST} in it).{hint} Run "
-            "`lit-open prepare` to build one, or fix the data path."
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"Could not read {path}: {err}. Re-run `lit-open prepare` to rebuild it.") from None
-    if not isinstance(manifest, dict):
-        manifest = {}
-    missing = [k for k in ("format", "split", "documents", "tokens", "dtype", "tokenizer") if k not in manifest]
-    if missing or manifest["format"] != FORMAT:
-        found = manifest.get("format")
-        raise UserError(
-            f"{path} is not a valid lit-open manifest (format {found!r}, expected {FORMAT!r}"
-            + (f"; missing {', '.join(missing)}" if missing else "")
-            + "). Re-run `lit-open prepare` with this version of lit-open to rebuild the data."
-        )
-    return manifest
-
-
-def tokenizer_file(path: str | Path) -> Path:
-    """The tokenizer.json that `path` names: the file itself, the one in a directory, or the one of a Hugging Face
-    source (`hf:ORG/NAME@REVISION`, `hf:/local/dir`: the tokenizer a checkpoint to fine-tune was trained with)."""
-    if str(path).startswith("hf:"):
-        from lit_open.checkpoint.hf import resolve_source
-
-        path = resolve_source(str(path))[0]
-    p = Path(path).expanduser()
-    if p.is_dir():
-        if (p / TOKENIZER_FILE).is_file():
-            return p / TOKENIZER_FILE
-        other = [n for n in ("tokenizer.model", "vocab.json", "spiece.model") if (p / n).exists()]
-        hint = (
-            f" It has {', '.join(other)}: save it in the fast format first, e.g. with transformers: "
-            f"AutoTokenizer.from_pretrained('{p}').save_pretrained('{p}')."
-            if other
-            else ""
-        )
-        raise UserError(
-            f"The tokenizer directory {p} holds no {TOKENIZER_FILE}.{hint} Give tokenizer= a Hugging Face "
-            f"`tokenizers` {TOKENIZER_FILE} or a directory holding one, or leave it unset to train a BPE."
-        )
-    if not p.is_file():
-        raise UserError(
-            f"The tokenizer {p} does not exist. Give tokenizer= a Hugging Face `tokenizers` {TOKENIZER_FILE} or a "
-            "directory holding one, or leave it unset to train a byte-level BPE on the inputs."
-        )
-    return p
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer.json (or the one in a directory). UserError if it is missing or unreadable."""
-    file = tokenizer_file(path)
-    try:
-        return Tokenizer.from_file(str(file))
-    except Exception as err:  # tokenizers raises a bare Exception for bad files
-        raise UserError(
-            f"Could not load the tokenizer {file}: {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
-            f"tokenizer= must be a Hugging Face `tokenizers` {TOKENIZER_FILE} (as written by "
-            "Tokenizer.save or save_pretrained), or a directory holding one."
-        ) from None
-
-
-def resolve_eos(tokenizer: Tokenizer, path: str | Path, eos_token: str | None = None) -> tuple[str, int]:
-    """The end-of-document token and its id: `eos_token` if given, else the `eos_token` of a tokenizer_config.json
-    next to the tokenizer, else the first of `EOS_CANDIDATES` in the vocabulary. UserError if none is found."""
-    file = tokenizer_file(path)
-    if eos_token:
-        eos_id = tokenizer.token_to_id(eos_token)
-        if eos_id is None:
-            raise UserError(
-                f"eos_token={eos_token!r} is not in the vocabulary of the tokenizer {file}. Pass the token that "
-                "ends a document in this tokenizer (e.g. one of its special tokens)."
-            )
-        return eos_token, eos_id
-    config_path = file.parent / "tokenizer_config.json"
-    if config_path.is_file():
-        try:
-            value = json.loads(config_path.read_text()).get("eos_token")
-        except (OSError, ValueError, AttributeError) as err:
-            raise UserError(
-                f"Could not read {config_path}: {err}. Fix it, or pass eos_token= to name the end-of-document token."
-            ) from None
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str) and value:
-            eos_id = tokenizer.token_to_id(value)
-            if eos_id is None:
-                raise UserError(
-                    f"{config_path} names eos_token {value!r}, which is not in the vocabulary of {file}. Pass "
-                    "eos_token= to name the end-of-document token."
-                )
-            return value, eos_id
-    for candidate in EOS_CANDIDATES:
-        eos_id = tokenizer.token_to_id(candidate)
-        if eos_id is not None:
-            return candidate, eos_id
-    raise UserError(
-        f"Could not tell the end-of-document token of the tokenizer {file}: no eos_token= was given, there is no "
-        f"tokenizer_config.json with an eos_token next to it, and none of {', '.join(EOS_CANDIDATES)} is in its "
-        "vocabulary. Pass eos_token= with the token that ends a document."
-    )
-
-
-def token_dtype(tokenizer: Tokenizer) -> str:
-    """ "uint16" when every token id fits in it (a vocabulary of at most 65536), else "int32"."""
-    max_id = max([tokenizer.get_vocab_size(with_added_tokens=True) - 1, *tokenizer.get_vocab(True).values()])
-    return "uint16" if max_id <= np.iinfo(np.uint16).max else "int32"
-
-
-def train_bpe(texts: Iterable[str], vocab_size: int, eos_token: str = DEFAULT_EOS) -> Tokenizer:
-    """A byte-level BPE (GPT-2 style, no prefix space) trained on `texts`, with `eos_token` as id 0."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[eos_token],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return tokenizer
-
-
-# ------------------------------------------------------------------------------------------------- internals
-
-
 @dataclass
 class _FileStats:
     documents: int = 0  # documents of this split
@@ -410,7 +271,7 @@ def _check_documents(
 def _write_split(job: _Job, sizes: dict[int, int], tmp: Path, cfg: PrepareConfig) -> dict[int, _FileStats]:
     """Tokenize the `job.split` documents of the files `sizes` names (file index: bytes of text to tokenize, about)
     into `tmp/<split>`; return the per-file counts."""
-    from litdata import TokensLoader, optimize
+    from litdata import TokensLoader, optimize  # slow to import: only tokenizing needs it
 
     file_indices = sorted(sizes)
     total = sum(sizes.values())
@@ -427,7 +288,7 @@ def _write_split(job: _Job, sizes: dict[int, int], tmp: Path, cfg: PrepareConfig
         f"{'es' if num_workers > 1 else ''})..."
     )
     t0 = time.perf_counter()
-    with _litdata_sandbox(tmp / "_work"):
+    with litdata_optimize_sandbox(tmp / "_work"):
         try:
             optimize(
                 fn=functools.partial(_tokenize_item, job=job),
@@ -542,56 +403,6 @@ def _index_tokens(split_dir: Path) -> int:
     return sum(chunk["dim"] for chunk in index["chunks"])
 
 
-@contextmanager
-def _litdata_sandbox(work_dir: Path) -> Iterator[None]:
-    """Undo what litdata's `optimize` changes process-wide, and keep its scratch dirs private.
-
-    optimize sets the multiprocessing start method to spawn (force=True), installs a SIGINT handler that calls
-    os._exit(0) (so Ctrl-C would exit with status 0 and skip our clean-up), sets DATA_OPTIMIZER_* environment
-    variables, and empties `$TMPDIR/chunks` and `$TMPDIR/data` unless DATA_OPTIMIZER_CACHE_FOLDER /
-    DATA_OPTIMIZER_DATA_CACHE_FOLDER point elsewhere. While inside, its SIGINT handler stops the workers and
-    raises KeyboardInterrupt instead.
-    """
-    from litdata.processing.data_processor import DataProcessor
-
-    patched = hasattr(DataProcessor, "_signal_handler")  # litdata 0.2.x; without it, litdata's own behaviour
-    if patched:
-        litdata_handler = DataProcessor.__dict__["_signal_handler"]
-        DataProcessor._signal_handler = _interrupt_optimize
-    start_method = multiprocessing.get_start_method(allow_none=True)
-    main_thread = threading.current_thread() is threading.main_thread()
-    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
-    env_keys = (
-        "DATA_OPTIMIZER_CACHE_FOLDER",
-        "DATA_OPTIMIZER_DATA_CACHE_FOLDER",
-        "DATA_OPTIMIZER_NUM_WORKERS",
-        "DATA_OPTIMIZER_GLOBAL_RANK",
-    )
-    saved_env = {k: os.environ.get(k) for k in env_keys}
-    os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = str(work_dir / "litdata-chunks")
-    os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] = str(work_dir / "litdata-data")
-    try:
-        yield
-    finally:
-        if patched:
-            DataProcessor._signal_handler = litdata_handler
-        multiprocessing.set_start_method(start_method, force=True)
-        if main_thread and sigint is not None:
-            signal.signal(signal.SIGINT, sigint)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _interrupt_optimize(self: Any, signum: int, frame: Any) -> None:
-    """SIGINT during `optimize`: stop litdata's worker processes, then raise KeyboardInterrupt (not os._exit(0))."""
-    for worker in getattr(self, "workers", []):
-        worker.terminate()
-    raise KeyboardInterrupt
-
-
 def _manifest(
     cfg: PrepareConfig,
     split: str,
@@ -622,7 +433,7 @@ def _manifest(
         "add_special_tokens": cfg.add_special_tokens,
         "chunk_tokens": cfg.chunk_tokens,
         "created": created,
-        "lit_open_version": _version(),
+        "lit_open_version": lit_open_version(),
     }
 
 
@@ -651,13 +462,6 @@ def _warn_stale_tmp(output: Path, own: Path) -> None:
             f"[yellow]Note:[/] {', '.join(str(p) for p in stale)} left by an interrupted prepare; delete "
             f"{'it' if len(stale) == 1 else 'them'} if no other prepare is running."
         )
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("lit-open")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _mb(num_bytes: int) -> str:

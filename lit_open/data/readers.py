@@ -217,7 +217,7 @@ def _text_of(record: object, text_key: str, where: str) -> str | None:
 
 
 def _iter_parquet(path: str, text_key: str) -> Iterator[tuple[int, str]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # slow to import: only parquet inputs need it
 
     pf = pq.ParquetFile(path)
     columns = pf.schema_arrow.names

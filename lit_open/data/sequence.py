@@ -7,8 +7,9 @@ global batch on which sources are mixed with which weights) and one JSON-lines f
 within its source, i.e. tokens [index * (seq_len + 1), (index + 1) * (seq_len + 1)) of that source's stream).
 On resume, entries from the resumed position on are rewritten, so the log always describes the run as it went.
 After a rollback the entries of the global batches whose updates were undone get `"undone": "rollback"`, and the
-global batches jumped over are logged with `"step": null, "skipped": "rollback"`: the samples that shaped the
-final model are those of the entries with neither mark.
+global batches jumped over are logged with `"step": null, "skipped": "rollback"`. The samples that shaped the final
+model are those of the entries with neither mark, less the global batches whose update a plugin skipped (skip_step,
+nan_guard): those carry the step of the update before them, and their `skip` events in events.jsonl name them.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class DataSequenceLog(Callback):
         self._skipped: tuple[int, int] = (0, 0)  # data steps [first, end) jumped over by the latest rollback
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._written = pl_module.consumed_batches
+        self._written = pl_module.run.consumed_batches
         if not trainer.is_global_zero:
             return
         datamodule = trainer.datamodule
@@ -86,10 +87,10 @@ class DataSequenceLog(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         if not trainer.is_global_zero:
-            self._written = pl_module.consumed_batches
+            self._written = pl_module.run.consumed_batches
             return
         order = trainer.datamodule.order
-        while self._written < pl_module.consumed_batches:
+        while self._written < pl_module.run.consumed_batches:
             data_step = self._written
             record = {
                 "data_step": data_step,

@@ -19,17 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
+from lm_eval.evaluator import evaluate
+from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import nn
 
+from lit_open.config import DEFAULT_MAX_GEN_TOKENS
 from lit_open.errors import UserError
+from lit_open.generate import generate
+from lit_open.glue import lm_eval_progress_bars_off, load_lm_eval_task_yaml
 from lit_open.model import Transformer
-
-DEFAULT_MAX_GEN_TOKENS = 32
 
 
 class _LockstepForward(nn.Module):
@@ -187,8 +191,6 @@ class LitOpenLM(TemplateLM):
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Greedy (or, with do_sample, sampled) continuations, cut at the first `until` string."""
-        from lit_open.generate import generate
-
         outputs: list[str] = [""] * len(requests)
         groups: dict[str, list[int]] = {}  # requests with the same generation settings run in batches together
         for i, request in enumerate(requests):
@@ -278,8 +280,6 @@ def resolve_tasks(tasks: Sequence[str], key: str = "tasks", data_dir: Path | Non
     """Local task directories / YAML files as inline configs (data files resolved next to the YAML), names as they
     are, checked against lm-eval's registry. `key` names the option in error messages. `data_dir`: the directory
     `lit-open prepare` wrote the run's data and tokenizer to, where `prepared:NAME` tasks are."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
     if not tasks:
         raise UserError(f"{key} is empty: give lm-eval task names (e.g. [hellaswag]) or local task directories.")
     specs: list[TaskSpec] = []
@@ -302,7 +302,7 @@ def resolve_tasks(tasks: Sequence[str], key: str = "tasks", data_dir: Path | Non
         found = 0
         for file in files:
             try:
-                config = load_yaml(file, resolve_func=True)
+                config = load_lm_eval_task_yaml(file)
             except Exception as err:  # noqa: BLE001 - any parse failure is the user's file
                 raise UserError(f"{key}: cannot read the task config {file}: {err}") from None
             if not isinstance(config.get("task"), str):
@@ -370,8 +370,6 @@ _managers: dict[bool, Any] = {}
 
 def _task_manager(with_defaults: bool) -> Any:
     """lm-eval's task registry; without its bundled tasks (about 15 000 configs, 5 s to index) when not needed."""
-    from lm_eval.tasks import TaskManager
-
     if with_defaults not in _managers:
         _managers[with_defaults] = TaskManager(include_defaults=with_defaults)
     return _managers[with_defaults]
@@ -382,8 +380,6 @@ def load_tasks(specs: Sequence[TaskSpec], num_fewshot: int | None = None, seed: 
 
     seed: of the few-shot examples' choice (lm-eval's default), the same in the training loop and offline.
     """
-    import datasets
-
     manager = _task_manager(any(isinstance(s.spec, str) for s in specs))
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # "Generating test split": noise between the trainer's lines
@@ -417,34 +413,13 @@ class EvalOutcome:
 
 def run_tasks(lm: LitOpenLM, task_dict: dict[str, Any], limit: int | None = None) -> EvalOutcome:
     """Evaluate `task_dict` (from `load_tasks`) with `lm`; every process of a distributed model must call this."""
-    from lm_eval.evaluator import evaluate
-
     started = time.perf_counter()
-    with _without_progress_bars():
+    with lm_eval_progress_bars_off():
         results = evaluate(
             lm=lm, task_dict=task_dict, limit=limit, bootstrap_iters=0, log_samples=False, verbosity="WARNING"
         )
     seconds = time.perf_counter() - started
     return EvalOutcome(flat_metrics(results) if results else {}, dict(results) if results else None, seconds)
-
-
-@contextmanager
-def _without_progress_bars() -> Iterator[None]:
-    """lm-eval's per-request progress bars, which have no switch: in the loop they would interleave with the
-    trainer's own progress, and an evaluation takes seconds to minutes, reported when done."""
-    import lm_eval.api.model
-    import lm_eval.api.task
-    from tqdm import tqdm
-
-    def quiet(*args: Any, **kwargs: Any) -> tqdm:
-        return tqdm(*args, **{**kwargs, "disable": True})  # also where lm-eval passes disable=False itself
-
-    before = lm_eval.api.task.tqdm, lm_eval.api.model.tqdm
-    lm_eval.api.task.tqdm = lm_eval.api.model.tqdm = quiet
-    try:
-        yield
-    finally:
-        lm_eval.api.task.tqdm, lm_eval.api.model.tqdm = before
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
@@ -464,8 +439,6 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
 def use_datasets_cache(directory: str | Path | None, previous: Any = None) -> Any:
     """Cache the datasets of tasks in `directory` (HF_DATASETS_CACHE, also for a `datasets` imported already);
     returns what to pass back as `use_datasets_cache(None, previous)` to restore the settings before."""
-    import datasets
-
     if directory is None:
         env, config = previous
         if env is None:
@@ -478,19 +451,3 @@ def use_datasets_cache(directory: str | Path | None, previous: Any = None) -> An
     os.environ["HF_DATASETS_CACHE"] = str(directory)
     datasets.config.HF_DATASETS_CACHE = Path(directory)
     return before
-
-
-def tokenizer_and_eos(tokenizer_json: str | Path) -> tuple[Any, int]:
-    """The `tokenizers` tokenizer of a tokenizer.json and the id of the token that ends its documents."""
-    from tokenizers import Tokenizer
-
-    from lit_open.data.prepare import resolve_eos
-
-    path = Path(tokenizer_json).expanduser()
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise UserError(f"No tokenizer at {path}: lm-eval needs the tokenizer.json the model was trained with.")
-    tokenizer = Tokenizer.from_file(str(path))
-    _, eos_id = resolve_eos(tokenizer, path)
-    return tokenizer, eos_id

@@ -13,6 +13,8 @@ NORM_PLACEMENTS = ("pre", "post")
 QK_NORMS = ("none", "full", "head")
 MLPS = ("swiglu", "gelu")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa", "varlen", "flex", "dense", "math")
+# Keys that do not define the weights: a run may set them whatever its checkpoint or init_from source says.
+NON_ARCHITECTURE_KEYS = ("name", "attention", "max_seq_len", "init_std", "init_cutoff", "init_scale_output")
 
 
 @dataclass
@@ -46,7 +48,7 @@ class ModelConfig:
     init_std: float = 0.02
     init_cutoff: float | None = 3.0  # truncate the normal init at +-init_cutoff * std; None: no truncation
     init_scale_output: bool = False  # divide the std of output projections by sqrt(2 * n_layer)
-    attention: str = "auto"  # attention backend: auto | sdpa | math
+    attention: str = "auto"  # attention backend, one of ATTENTION_BACKENDS (lit_open/model/attention.py)
 
     def __post_init__(self) -> None:
         check_choice("model.family", self.family, FAMILIES)

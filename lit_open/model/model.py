@@ -38,7 +38,7 @@ class Transformer(nn.Module):
         self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, return_hidden: bool = False
     ) -> torch.Tensor:
         """Logits (batch, seq, padded vocab); or, with return_hidden, the final-normed hidden states (batch, seq,
-        d_model), for a loss that applies `self.output` chunk by chunk (lit_open.loss). doc_ids (batch, seq):
+        d_model), for a loss that applies `self.output` chunk by chunk (lit_open.train.loss). doc_ids (batch, seq):
         tokens attend only to earlier tokens with the same id (packed documents); None: plain causal."""
         T = input_ids.size(1)
         if T > self.config.max_seq_len:

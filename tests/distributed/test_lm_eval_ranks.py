@@ -18,7 +18,8 @@ from conftest import read_metrics, run_cli, run_gloo, tiny_overrides
 from lm_eval_tasks import TINY_CONFIG, write_local_tasks
 
 from lit_open.config import StrategyConfig
-from lit_open.eval.harness import LitOpenLM, load_tasks, resolve_tasks, run_tasks, tokenizer_and_eos
+from lit_open.data.tokenizer import tokenizer_and_eos
+from lit_open.eval.harness import LitOpenLM, load_tasks, resolve_tasks, run_tasks
 from lit_open.model import Transformer
 from lit_open.parallel import materialize, parallelize
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port, tiny_overrides, train_losses
 
-from lit_open.events import read_events
+from lit_open.train.events import read_events
 
 STEPS, TOTAL = 5, 8  # the 2-node run stops at STEPS; it is continued on 1 process to TOTAL
 TIMEOUT = 240  # seconds for the whole 2-node job; it takes about 20 s on 2 cores

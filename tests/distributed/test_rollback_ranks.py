@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, tiny_overrides, train_losses
 
-from lit_open.events import read_events
+from lit_open.train.events import read_events
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent

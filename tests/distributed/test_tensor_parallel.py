@@ -12,9 +12,9 @@ import torch
 from conftest import run_gloo
 
 from lit_open.config import StrategyConfig
-from lit_open.loss import lm_loss
 from lit_open.model import ModelConfig, Transformer
 from lit_open.parallel import materialize, parallelize
+from lit_open.train.loss import lm_loss
 
 pytestmark = pytest.mark.slow
 

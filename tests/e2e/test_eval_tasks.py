@@ -10,7 +10,7 @@ import pytest
 from conftest import read_metrics, run_cli, tiny_overrides
 from lm_eval_tasks import write_local_tasks
 
-from lit_open.events import read_events
+from lit_open.train.events import read_events
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import read_metrics, run_cli, tiny_overrides
 
-from lit_open.events import read_events
+from lit_open.train.events import read_events
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
@@ -114,7 +114,7 @@ def test_convert_a_checkpoint_sharded_by_two_processes(tiny_data, tmp_path, hf_s
 def test_prepare_tokenizes_with_the_tokenizer_of_the_checkpoint_to_fine_tune(tiny_data, tmp_path, hf_source):
     import hashlib
 
-    from lit_open.data.prepare import read_manifest
+    from lit_open.data.manifest import read_manifest
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

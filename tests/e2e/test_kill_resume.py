@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import tiny_overrides, train_losses
 
-from lit_open.events import read_events
+from lit_open.train.events import read_events
 
 STEPS, EVERY = 40, 10
 

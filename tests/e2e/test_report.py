@@ -10,9 +10,10 @@ import re
 import pytest
 from conftest import read_metrics, run_cli, tiny_overrides
 
+from lit_open.commands.report import curve, final_metrics, markers, read_trace, report, undone_rows
+from lit_open.compose import load_command_config
 from lit_open.errors import UserError
-from lit_open.events import read_events
-from lit_open.report import curve, final_metrics, markers, parse_options, read_trace, report, undone_rows
+from lit_open.train.events import read_events
 
 # a run rolled back from step 6 to step 3 (steps 4-6 trained again on later data), then trained on to step 8
 STEPS = [1, 2, 3, 4, 5, 6, 4, 5, 6, 7, 8]
@@ -105,15 +106,12 @@ def test_report_writes_a_png_and_a_page_with_both_runs_finals_and_events(tmp_pat
 )
 def test_bad_options_are_user_errors(args, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        parse_options(args)
+        load_command_config("report", args)
 
 
 def test_lists_and_bad_values(tmp_path):
-    assert parse_options(["run.dir=a", "compare=[b, c]", "labels=['x',y,z]"]) == {
-        "run.dir": "a",
-        "compare": ["b", "c"],
-        "labels": ["x", "y", "z"],
-    }
+    options = load_command_config("report", ["run.dir=a", "compare=[b, c]", "labels=['x',y,z]"])
+    assert (options.run.dir, options.compare, options.labels) == ("a", ["b", "c"], ["x", "y", "z"])
     write_run(tmp_path / "a")
     with pytest.raises(UserError, match="x='time' is not an axis"):
         report([tmp_path / "a"], x="time")

@@ -17,17 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 import lit_open
-from lit_open.checkpoint import hf
-from lit_open.checkpoint.hf import (
-    from_hf_state_dict,
-    hf_config,
-    load_hf,
-    read_config,
-    read_state_dict,
-    resolve_source,
-    save_hf,
-    to_hf_state_dict,
-)
+from lit_open.checkpoint import hf, hub
+from lit_open.checkpoint.hf import load_hf, read_state_dict, save_hf
+from lit_open.checkpoint.hf_config import DEFAULT_CONTEXT_LENGTH, EXPORT_ARCHITECTURES, hf_config, read_config
+from lit_open.checkpoint.hf_weights import from_hf_state_dict, to_hf_state_dict
+from lit_open.checkpoint.hub import resolve_source
 from lit_open.errors import UserError
 from lit_open.model import ModelConfig, Transformer
 
@@ -214,7 +208,7 @@ def test_import_export_parity(tmp_path, case):
     # export: transformers loads it and computes the same logits, from exactly the tensors it wrote itself
     out = save_hf(model, tmp_path / "out")
     exported = load_transformers(out)
-    assert type(exported).__name__ == hf.EXPORT_ARCHITECTURES[family][0]
+    assert type(exported).__name__ == EXPORT_ARCHITECTURES[family][0]
     torch.testing.assert_close(hf_logits(exported, ids), expected, **TOL)
     assert_same_tensors(file_tensors(out), file_tensors(tmp_path / "src"))
 
@@ -227,14 +221,14 @@ def test_import_export_parity(tmp_path, case):
 def test_sharded_safetensors_both_ways(tmp_path):
     reference = make_hf(tmp_path / "x", "llama_gqa_untied")  # the float32 weights, for the logits
     reference.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
-    index = json.loads((tmp_path / "sharded" / hf.SAFE_INDEX).read_text())
-    assert len(set(index["weight_map"].values())) >= 3 and not (tmp_path / "sharded" / hf.SAFE_WEIGHTS).exists()
+    index = json.loads((tmp_path / "sharded" / hub.SAFE_INDEX).read_text())
+    assert len(set(index["weight_map"].values())) >= 3 and not (tmp_path / "sharded" / hub.SAFE_WEIGHTS).exists()
     ids = token_ids(128)
     model = load_hf(tmp_path / "sharded")
     torch.testing.assert_close(our_logits(model, ids), hf_logits(reference, ids), **TOL)
 
     out = save_hf(model, tmp_path / "out", max_shard_size=40_000)
-    index = json.loads((out / hf.SAFE_INDEX).read_text())
+    index = json.loads((out / hub.SAFE_INDEX).read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert sorted(p.name for p in out.glob("*.safetensors")) == shards
@@ -248,17 +242,17 @@ def test_pytorch_bin_single_and_sharded(tmp_path):
     reference = make_hf(tmp_path / "src", "neox_rotary_quarter_parallel")
     ids = token_ids(128)
     expected = hf_logits(reference, ids)
-    config_json = (tmp_path / "src" / hf.CONFIG_FILE).read_text()
+    config_json = (tmp_path / "src" / hub.CONFIG_FILE).read_text()
 
     single = tmp_path / "single"
     single.mkdir()
-    (single / hf.CONFIG_FILE).write_text(config_json)
-    torch.save(reference.state_dict(), single / hf.BIN_WEIGHTS)
+    (single / hub.CONFIG_FILE).write_text(config_json)
+    torch.save(reference.state_dict(), single / hub.BIN_WEIGHTS)
     torch.testing.assert_close(our_logits(load_hf(single), ids), expected, **TOL)
 
     sharded = tmp_path / "sharded"
     sharded.mkdir()
-    (sharded / hf.CONFIG_FILE).write_text(config_json)
+    (sharded / hub.CONFIG_FILE).write_text(config_json)
     tensors = file_tensors(tmp_path / "src")
     names = list(tensors)
     weight_map = {}
@@ -266,7 +260,7 @@ def test_pytorch_bin_single_and_sharded(tmp_path):
         filename = f"pytorch_model-0000{i + 1}-of-00002.bin"
         torch.save({n: tensors[n] for n in part}, sharded / filename)
         weight_map.update(dict.fromkeys(part, filename))
-    (sharded / hf.BIN_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (sharded / hub.BIN_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     model = load_hf(sharded)
     torch.testing.assert_close(our_logits(model, ids), expected, **TOL)
     assert_same_tensors(model.state_dict(), load_hf(tmp_path / "src").state_dict())
@@ -286,7 +280,7 @@ def test_bfloat16_checkpoint(tmp_path):
     torch.testing.assert_close(our_logits(widened, ids), hf_logits(load_transformers(tmp_path / "bf16"), ids), **TOL)
 
     out = save_hf(kept, tmp_path / "out")  # bfloat16 stays bfloat16
-    assert json.loads((out / hf.CONFIG_FILE).read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((out / hub.CONFIG_FILE).read_text())["torch_dtype"] == "bfloat16"
     assert_same_tensors(file_tensors(out), file_tensors(tmp_path / "bf16"))
     out = save_hf(widened, tmp_path / "out16", dtype=torch.bfloat16)  # or is cast on the way out
     assert_same_tensors(file_tensors(out), file_tensors(tmp_path / "bf16"))
@@ -309,7 +303,7 @@ def test_padded_vocab_exports_every_row(tmp_path):
     torch.manual_seed(0)
     model = Transformer(config).eval()
     out = save_hf(model, tmp_path / "out")
-    assert json.loads((out / hf.CONFIG_FILE).read_text())["vocab_size"] == 128
+    assert json.loads((out / hub.CONFIG_FILE).read_text())["vocab_size"] == 128
     ids = token_ids(100)
     torch.testing.assert_close(hf_logits(load_transformers(out), ids), our_logits(model, ids), **TOL)
     again = load_hf(out)
@@ -389,9 +383,9 @@ def test_save_is_atomic_and_carries_tokenizer_and_metadata(tmp_path):
     assert not (out / "stale.txt").exists()  # replaced whole
     assert (out / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
     assert json.loads((out / hf.METADATA_FILE).read_text()) == {"step": 7, "path": "/x"}
-    config = json.loads((out / hf.CONFIG_FILE).read_text())
+    config = json.loads((out / hub.CONFIG_FILE).read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
-    assert json.loads((out / hf.GENERATION_CONFIG_FILE).read_text()) == {"bos_token_id": 0, "eos_token_id": 1}
+    assert json.loads((out / hub.GENERATION_CONFIG_FILE).read_text()) == {"bos_token_id": 0, "eos_token_id": 1}
 
     # a failed export leaves the previous one in place and no temporary directory behind
     state = model.state_dict()
@@ -406,7 +400,7 @@ def test_save_is_atomic_and_carries_tokenizer_and_metadata(tmp_path):
 
 def write_config(directory: Path, **config) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / hf.CONFIG_FILE).write_text(json.dumps(config))
+    (directory / hub.CONFIG_FILE).write_text(json.dumps(config))
     return directory
 
 
@@ -424,7 +418,7 @@ def test_missing_directory_and_files(tmp_path):
     with pytest.raises(UserError, match=r"no config\.json"):
         read_config(tmp_path)
     make_hf(tmp_path / "src", "llama_gqa_untied")
-    (tmp_path / "src" / hf.SAFE_WEIGHTS).unlink()
+    (tmp_path / "src" / hub.SAFE_WEIGHTS).unlink()
     with pytest.raises(UserError, match="no weights"):
         load_hf(tmp_path / "src")
 
@@ -468,7 +462,7 @@ def test_tensor_mismatches_refused(tmp_path):
     wrong = {**vars(config), "d_ff": 80}
     with pytest.raises(UserError, match=r"mlp\.down_proj\.weight \(64, 96\) \(config\.json implies \(64, 80\)\)"):
         read_state_dict(tmp_path / "src", ModelConfig(**wrong))
-    (tmp_path / "src" / hf.SAFE_WEIGHTS).write_bytes(b"not safetensors")
+    (tmp_path / "src" / hub.SAFE_WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(UserError, match="Could not read the weights file"):
         load_hf(tmp_path / "src")
 
@@ -481,3 +475,17 @@ def test_export_refuses_what_the_family_cannot_express():
                        norm="layernorm", mlp="gelu", bias=True)  # fmt: skip
     with pytest.raises(UserError, match="no GQA"):
         to_hf_state_dict(neox, Transformer(neox).state_dict())
+
+
+def test_a_config_without_a_context_length_as_olmo_core_writes_it(tmp_path):
+    """OLMo-core's exporter writes max_position_embeddings -1 (allenai/OLMo-core, src/olmo_core/nn/hf/config.py,
+    get_hf_config); transformers loads such a directory, and lit-open builds it for the context it is given."""
+    reference = make_hf(tmp_path / "src", "olmo2_mha")
+    path = tmp_path / "src" / hub.CONFIG_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), "max_position_embeddings": -1}))
+    ids = token_ids(128)
+    model = load_hf(tmp_path / "src", max_seq_len=32)
+    assert model.config.max_seq_len == 32
+    torch.testing.assert_close(our_logits(model, ids), hf_logits(reference, ids), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hf_logits(load_transformers(tmp_path / "src"), ids), hf_logits(reference, ids))
+    assert load_hf(tmp_path / "src").config.max_seq_len == DEFAULT_CONTEXT_LENGTH

@@ -14,7 +14,8 @@ import pytest
 from lm_eval_tasks import trained_tiny_model, write_local_tasks
 
 from lit_open.checkpoint.hf import save_hf
-from lit_open.eval.harness import LitOpenLM, load_tasks, resolve_tasks, run_tasks, tokenizer_and_eos
+from lit_open.data.tokenizer import tokenizer_and_eos
+from lit_open.eval.harness import LitOpenLM, load_tasks, resolve_tasks, run_tasks
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("transformers")

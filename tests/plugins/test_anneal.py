@@ -7,16 +7,16 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import Crash, CrashAfterStep, read_metrics, tiny_overrides
+from conftest import Crash, CrashAfterStep, bind_run, read_metrics, tiny_overrides
 from safetensors.torch import load_file
 
 from lit_open.compose import load_train_config
 from lit_open.config import TrainConfig
 from lit_open.errors import UserError
-from lit_open.events import read_events
-from lit_open.optim import lr_factor
 from lit_open.plugins.anneal import Anneal
 from lit_open.train import run
+from lit_open.train.events import read_events
+from lit_open.train.optim import lr_factor
 
 PEAK_LR = 1e-2
 
@@ -28,7 +28,7 @@ def rows_by_step(run_dir) -> dict[int, dict[str, str]]:
 
 @pytest.mark.slow
 def test_lr_decays_to_zero_data_switches_soup_averages_and_resume_repeats(tiny_data, tmp_path, monkeypatch):
-    import lit_open.train as train_module
+    import lit_open.train.runner as train_module
 
     anneal = [
         "plugins=[anneal]",
@@ -148,8 +148,9 @@ def test_a_soup_the_checkpoints_cannot_provide_is_refused_at_start():
     config = TrainConfig()
     config = replace(config, trainer=replace(config.trainer, max_steps=100))
     few = replace(config, checkpoint=replace(config.checkpoint, every_n_steps=50, keep_last=0))
-    with pytest.raises(UserError, match="writes only 2 checkpoint"):
-        Anneal(start_step=40, soup_last=3).on_train_start(None, type("M", (), {"config": few}))
     pruned = replace(config, checkpoint=replace(config.checkpoint, every_n_steps=10, keep_last=2))
-    with pytest.raises(UserError, match="checkpoint.keep_last=2"):
-        Anneal(start_step=40, soup_last=3).on_train_start(None, type("M", (), {"config": pruned}))
+    for run_config, message in ((few, "writes only 2 checkpoint"), (pruned, "checkpoint.keep_last=2")):
+        plugin = Anneal(start_step=40, soup_last=3)
+        bind_run(plugin, config=run_config)
+        with pytest.raises(UserError, match=message):
+            plugin.on_train_start(None, None)

@@ -7,16 +7,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import read_metrics, run_cli, tiny_overrides, train_losses
+from conftest import bind_run, read_metrics, run_cli, tiny_overrides, train_losses
 
 import lit_open.plugins.chaos as chaos_module
 from lit_open.compose import load_train_config
 from lit_open.errors import UserError
-from lit_open.events import read_events
-from lit_open.optim import lr_factor
 from lit_open.plugin import Plugin, build_plugins
 from lit_open.plugins.chaos import Chaos
 from lit_open.train import run
+from lit_open.train.events import read_events
+from lit_open.train.optim import lr_factor
 
 VOCAB = 512  # tiny_data's tokenizer and the tiny model
 FAST = {"trainer.val_check_interval": 0, "trainer.validate_at_start": "false", "checkpoint.every_n_steps": 100}
@@ -72,11 +72,14 @@ def test_a_spike_that_injects_nothing_is_refused():
 
 def test_random_tokens_are_seeded_by_seed_step_micro_and_data_parallel_rank():
     plugin = Chaos(spike_steps=[5])
-    module = SimpleNamespace(config=SimpleNamespace(run=SimpleNamespace(seed=42), model=SimpleNamespace(vocab_size=96)))
+    config = SimpleNamespace(run=SimpleNamespace(seed=42), model=SimpleNamespace(vocab_size=96))
+    run = bind_run(plugin, config=config)
+    module = None
 
     def spiked(data_step=5, micro=0, rank=0, seed=42):
-        module.config.run.seed = seed
-        trainer = SimpleNamespace(strategy=SimpleNamespace(), global_rank=rank)
+        config.run.seed = seed
+        run.data_parallel_rank = rank
+        trainer = SimpleNamespace()
         tokens = torch.arange(3 * 17).reshape(3, 17) % 50
         targets = tokens[:, 1:].clone()
         targets[0, :4] = -100
@@ -111,7 +114,7 @@ class OptimizerProbe(Plugin):
 
 
 def train(data, run_dir, monkeypatch, *overrides: str, steps: int = 12) -> OptimizerProbe:
-    import lit_open.train as train_module
+    import lit_open.train.runner as train_module
 
     probe = OptimizerProbe()
     real_build = train_module.build_plugins

@@ -9,13 +9,13 @@ from conftest import read_metrics, run_gloo, tiny_overrides
 from lit_open.compose import load_train_config
 from lit_open.config import StrategyConfig
 from lit_open.errors import UserError
-from lit_open.events import read_events
-from lit_open.loss import lm_loss
 from lit_open.model import ModelConfig, Transformer
 from lit_open.parallel import materialize, parallelize
 from lit_open.plugin import build_plugins
 from lit_open.plugins.embedding_grad_shrink import EmbeddingGradShrink
 from lit_open.train import run
+from lit_open.train.events import read_events
+from lit_open.train.loss import lm_loss
 
 TINY = dict(vocab_size=100, pad_vocab_multiple=32, n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=48)
 ALPHA = 0.1

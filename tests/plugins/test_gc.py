@@ -7,16 +7,16 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import tiny_overrides
+from conftest import bind_run, tiny_overrides
 
-import lit_open.train as train_module
+import lit_open.train.runner as train_module
 from lit_open.compose import load_train_config
 from lit_open.errors import UserError
-from lit_open.events import EventLog, read_events
 from lit_open.plugin import Plugin, build_plugins
 from lit_open.plugins import gc as gc_plugin
 from lit_open.plugins.gc import GarbageCollection
 from lit_open.train import run
+from lit_open.train.events import read_events
 
 
 @pytest.fixture(autouse=True)
@@ -100,8 +100,9 @@ def test_a_failing_run_gives_automatic_gc_back(tiny_data, tmp_path, monkeypatch)
     assert gc.isenabled()
 
 
-def fake_run(tmp_path, step: int = 0) -> tuple[SimpleNamespace, SimpleNamespace]:
-    return SimpleNamespace(global_step=step), SimpleNamespace(events=EventLog(tmp_path / "events.jsonl"))
+def fake_run(plugin, tmp_path, step: int = 0) -> tuple[SimpleNamespace, None]:
+    bind_run(plugin, tmp_path)
+    return SimpleNamespace(global_step=step), None
 
 
 def test_steps_skips_resume_threshold_and_freeze(tmp_path, monkeypatch):
@@ -110,13 +111,15 @@ def test_steps_skips_resume_threshold_and_freeze(tmp_path, monkeypatch):
     clock = iter(range(0, 1000, 2))  # every collection "takes" 2 s
     monkeypatch.setattr(gc_plugin, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     plugin = GarbageCollection(every_n_steps=3, warn_seconds=1.5, freeze=True)
-    trainer, module = fake_run(tmp_path, step=3)  # resumed at step 3: no collection for it
+    trainer, module = fake_run(plugin, tmp_path, step=3)  # resumed at step 3: no collection for it
     plugin.on_train_start(trainer, module)
     assert not gc.isenabled() and gc.get_freeze_count() > 0 and calls == [2]  # one full collection, then freeze
     calls.clear()
     for step in (3, 3, 4, 4, 5, 5, 5, 6, 6, 7, 8, 9):  # micro-batches of one step; 5 repeats: a skipped update
+        end_of_update = step != trainer.global_step  # LitLM calls on_step_end once per applied update
         trainer.global_step = step
-        plugin.on_train_batch_end(trainer, module, None, None, 0)
+        if end_of_update:
+            plugin.on_step_end(trainer, module, step)
     assert calls == [1, 1] and plugin.collections == 2  # at steps 6 and 9, once each
     slow = [e for e in read_events(tmp_path / "events.jsonl") if e.get("action") == "collect"]
     assert [(e["step"], e["seconds"]) for e in slow] == [(6, 2), (9, 2)]
@@ -127,8 +130,8 @@ def test_steps_skips_resume_threshold_and_freeze(tmp_path, monkeypatch):
 
     gc.disable()  # a collector that was off before the run stays off after it
     plugin = GarbageCollection()
-    plugin.on_train_start(*fake_run(tmp_path))
-    plugin.on_exception(*fake_run(tmp_path), RuntimeError())
+    plugin.on_train_start(*fake_run(plugin, tmp_path))
+    plugin.on_exception(*fake_run(plugin, tmp_path), RuntimeError())
     assert not gc.isenabled()
 
 

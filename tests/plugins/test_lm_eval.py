@@ -12,13 +12,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import bind_run
 from lm_eval_tasks import TINY_CONFIG, write_local_tasks
 
 from lit_open.errors import UserError
 from lit_open.eval.harness import resolve_tasks
-from lit_open.events import EventLog, read_events
 from lit_open.model import Transformer
 from lit_open.plugins.lm_eval import LMEval
+from lit_open.train.events import read_events
 
 
 @pytest.mark.parametrize(
@@ -103,16 +104,10 @@ def test_evaluation_goes_to_the_metrics_row_and_events_and_leaves_the_model_trai
     model = Transformer(TINY_CONFIG)
     model.init_weights(seed=0)
     model.train()
-    events = EventLog(tmp_path / "events.jsonl")
-    module = SimpleNamespace(
-        config=RunConfig(data={"tokenizer": str(tiny_data / "tokenizer.json")}),
-        model=model,
-        device_mesh=None,
-        last_metrics={},
-        events=events,
-    )
+    module = SimpleNamespace(model=model, device_mesh=None)
     trainer = SimpleNamespace(global_step=0, max_steps=4, is_global_zero=True, loggers=[], callbacks=[])
     plugin = LMEval(tasks=[str(tasks)], every_n_steps=2, limit=3, batch_size=4)
+    bind_run(plugin, tmp_path, config=RunConfig(data={"tokenizer": str(tiny_data / "tokenizer.json")}))
     plugin.on_train_start(trainer, module)
     trainer.global_step = 1
     assert plugin.step_metrics(trainer, module) == {}
@@ -137,12 +132,9 @@ def test_evaluation_goes_to_the_metrics_row_and_events_and_leaves_the_model_trai
 
 def test_a_task_with_fewer_documents_than_processes_fails_at_start(tiny_data, tmp_path, monkeypatch):
     tasks = write_local_tasks(tiny_data.parent / "corpus", tmp_path / "tasks", docs=4)
-    module = SimpleNamespace(
-        config=RunConfig(data={"tokenizer": str(tiny_data / "tokenizer.json")}),
-        model=Transformer(TINY_CONFIG),
-        device_mesh=None,
-    )
+    module = SimpleNamespace(model=Transformer(TINY_CONFIG), device_mesh=None)
     plugin = LMEval(tasks=[str(tasks)], limit=1)
+    bind_run(plugin, tmp_path, config=RunConfig(data={"tokenizer": str(tiny_data / "tokenizer.json")}))
     monkeypatch.setattr("lit_open.eval.harness.LitOpenLM.world_size", 2)
     with pytest.raises(UserError, match="task corpus_ppl has 1 documents to evaluate, fewer than the 2"):
         plugin.on_train_start(SimpleNamespace(global_step=0), module)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import read_metrics, run_cli, tiny_overrides
 
-import lit_open.train as train_module
+import lit_open.train.runner as train_module
 from lit_open.compose import load_train_config
 from lit_open.errors import UserError
 from lit_open.plugin import Plugin, build_plugins
@@ -201,7 +201,7 @@ def test_lr_tokens_and_throughput(monitored_run):
 
 
 def _events(run_dir: Path) -> list[dict]:
-    from lit_open.events import read_events
+    from lit_open.train.events import read_events
 
     return read_events(run_dir / "events.jsonl")
 

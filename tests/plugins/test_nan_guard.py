@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import read_metrics, run_cli, tiny_overrides
 
-import lit_open.train as train_module
+import lit_open.train.runner as train_module
 from lit_open.compose import load_train_config
 from lit_open.errors import UserError
-from lit_open.events import read_events
 from lit_open.plugin import Plugin
 from lit_open.plugins.nan_guard import NanGuard
 from lit_open.train import run
+from lit_open.train.events import read_events
 
 
 def ask(guard: NanGuard, step: int, data_step: int, loss: float, grad_norm: float = 1.0):

@@ -12,17 +12,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODEL, Crash, CrashAfterStep, read_metrics, run_cli, tiny_overrides, train_losses
+from conftest import TINY_MODEL, Crash, CrashAfterStep, bind_run, read_metrics, run_cli, tiny_overrides, train_losses
 
 from lit_open.compose import load_train_config
 from lit_open.data.datamodule import TokenSamples
 from lit_open.errors import UserError
-from lit_open.events import read_events
 from lit_open.model import ModelConfig, Transformer
 from lit_open.parallel import materialize
 from lit_open.plugin import build_plugins
 from lit_open.plugins.qat import QAT, load_quantized, quantize, quantized_layer_names, write_export
 from lit_open.train import run
+from lit_open.train.events import read_events
+from lit_open.train.runner import parallel_sizes
 
 MODEL = ModelConfig(**{key.removeprefix("model."): value for key, value in TINY_MODEL.items()})
 TIED = ModelConfig(**{**vars(MODEL), "tie_embeddings": True})
@@ -159,10 +160,14 @@ def test_group_size_applies_to_int4_only_and_exclude_patterns_select_layers():
     ],
 )
 def test_tensor_parallelism_and_float8_are_refused_at_start_up(overrides, message):
-    module = SimpleNamespace(config=load_train_config(["plugins=[qat]", *overrides]))
+    def setup(overrides: list[str]) -> None:
+        cfg, plugin = load_train_config(["plugins=[qat]", *overrides]), QAT()
+        bind_run(plugin, config=cfg, tensor_parallel_size=parallel_sizes(cfg)[1])  # as train.run gives LitLM
+        plugin.setup(None, None, "fit")
+
     with pytest.raises(UserError, match=message):
-        QAT().setup(None, module, "fit")
-    QAT().setup(None, SimpleNamespace(config=load_train_config(["strategy=fsdp", "trainer.devices=2"])), "fit")
+        setup(overrides)
+    setup(["strategy=fsdp", "trainer.devices=2"])
 
 
 # -- the benefit: QAT fine-tuning quantizes with less loss than quantizing a plainly fine-tuned model ----------
@@ -239,7 +244,7 @@ QAT_FROM_STEP_2 = ["plugins=[qat]", "plugins.qat.start_step=2"]
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory) -> Path:
     """Six steps each: plain; with QAT from step 2; the same interrupted after step 4 and resumed from step 3."""
-    import lit_open.train as train_module
+    import lit_open.train.runner as train_module
 
     root = tmp_path_factory.mktemp("qat-runs")
 
@@ -307,8 +312,10 @@ def test_the_export_reloads_as_the_quantized_final_model(runs):
 
 def test_validations_see_the_model_as_trained_so_far_or_as_the_checkpoint_had_it():
     events = []
-    module = SimpleNamespace(events=SimpleNamespace(write=lambda step, event, **fields: events.append((step, fields))))
+    module = None
+    recorder = SimpleNamespace(write=lambda step, event, **fields: events.append((step, fields)))
     plugin = QAT(start_step=5)
+    bind_run(plugin, events=recorder)
     built(plugin)
     plugin.on_validation_start(SimpleNamespace(global_step=0), module)  # validate_at_start of a fresh run
     assert not plugin.active
@@ -319,6 +326,7 @@ def test_validations_see_the_model_as_trained_so_far_or_as_the_checkpoint_had_it
     assert plugin.active and [(step, fields["action"]) for step, fields in events] == [(5, "fake_quantize_on")]
 
     resumed = QAT(start_step=5)
+    bind_run(resumed, events=recorder)
     built(resumed)
     resumed.load_state_dict({"active": False})  # resumed from step 3's checkpoint
     resumed.on_fit_start(None, module)
@@ -326,6 +334,7 @@ def test_validations_see_the_model_as_trained_so_far_or_as_the_checkpoint_had_it
     assert resumed.active
 
     evaluated = QAT(start_step=5)
+    bind_run(evaluated, events=recorder)
     built(evaluated)
     evaluated.load_state_dict({"active": True})  # lit-open eval of step 6's checkpoint counts no steps
     evaluated.on_validation_start(SimpleNamespace(global_step=0), module)

@@ -7,18 +7,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import Crash, CrashAfterStep, read_metrics, run_gloo, tiny_overrides, train_losses
+from conftest import Crash, CrashAfterStep, bind_run, read_metrics, run_gloo, tiny_overrides, train_losses
 
 from lit_open.compose import load_train_config
 from lit_open.config import StrategyConfig
 from lit_open.errors import UserError
-from lit_open.events import EventLog, read_events
 from lit_open.model import ModelConfig, Transformer
 from lit_open.model.model import RMSNorm
 from lit_open.parallel import materialize, parallelize
 from lit_open.plugin import Rollback, RolledBack, build_plugins
 from lit_open.plugins.qk_norm import QKNorm
 from lit_open.train import run
+from lit_open.train.events import read_events
 
 TINY = dict(vocab_size=96, pad_vocab_multiple=32, n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=64)
 MODES = ("full", "head")
@@ -129,14 +129,15 @@ def test_alpha_ramps_linearly_in_place_and_ends_at_the_native_qk_norm_model(mode
     assert [at_once.alpha_at(s) for s in (2, 3, 4)] == [0.0, 1.0, 1.0]
 
 
-def stub_run(model: Transformer, tmp_path, step: int = 0):
-    """The trainer and module a plugin sees, reduced to what QKNorm uses; events go to tmp_path/events.jsonl."""
+def stub_run(plugin: QKNorm, model: Transformer, tmp_path, step: int = 0):
+    """The trainer and module a plugin sees, reduced to what QKNorm uses, and its run state (events go to
+    tmp_path/events.jsonl)."""
     trainer = SimpleNamespace(
         global_step=step,
         strategy=SimpleNamespace(root_device=torch.device("cpu"), reduce=lambda t, reduce_op: t),
         precision_plugin=SimpleNamespace(),
     )
-    module = SimpleNamespace(model=model, events=EventLog(tmp_path / "events.jsonl"), consumed_batches=0)
+    module = SimpleNamespace(model=model, run=bind_run(plugin, tmp_path))
     return trainer, module
 
 
@@ -147,7 +148,7 @@ def rolled_back(to_step: int, *escalate: str) -> RolledBack:
 
 def train_batch(plugin, trainer, module, step: int, data_step: int) -> None:
     trainer.global_step = step
-    module.consumed_batches = data_step
+    module.run.consumed_batches = data_step
     ids = tokens(seed=data_step)
     plugin.on_train_batch_start(trainer, module, {"input_ids": ids[:, :-1], "data_step": data_step}, 0)
 
@@ -155,7 +156,7 @@ def train_batch(plugin, trainer, module, step: int, data_step: int) -> None:
 def test_on_rollback_dormant_until_a_rollback_escalates_qk_norm(tmp_path):
     checkpoint = checkpoint_model()
     plugin, model = with_plugin(checkpoint, mode="head", ramp_steps=4, start="on_rollback")
-    trainer, module = stub_run(model, tmp_path)
+    trainer, module = stub_run(plugin, model, tmp_path)
     plugin.setup(trainer, module, "fit")
     plugin.on_train_start(trainer, module)
     ids = tokens(seed=5)[:, :-1]
@@ -216,7 +217,7 @@ def test_a_model_with_qk_norm_already_is_left_alone(tmp_path):
     hooks = [len(m._forward_hooks) for m in model.modules()]
     plugin.on_model_built(model)
     assert [len(m._forward_hooks) for m in model.modules()] == hooks and plugin.norms == {}
-    trainer, module = stub_run(model, tmp_path)
+    trainer, module = stub_run(plugin, model, tmp_path)
     plugin.on_train_start(trainer, module)
     plugin.on_rollback(trainer, module, rolled_back(0, "qk_norm"))
     assert plugin.step_metrics(trainer, module) == {} and plugin.state_dict() == {}
@@ -257,7 +258,7 @@ def test_options_are_validated():
 
 @pytest.mark.slow
 def test_runs_same_first_step_ramp_in_metrics_and_events_and_resume_mid_ramp(tiny_data, tmp_path, monkeypatch):
-    import lit_open.train as train_module
+    import lit_open.train.runner as train_module
 
     fast = {"trainer.validate_at_start": "false", "trainer.val_check_interval": 0, "logger.tensorboard": "false"}
     plugin = ["plugins=[qk_norm]", "plugins.qk_norm.ramp_steps=4"]

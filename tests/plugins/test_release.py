@@ -6,26 +6,26 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from conftest import bind_run
 
 from lit_open.errors import UserError
 from lit_open.model import ModelConfig
 from lit_open.plugins.release import Release
 
 
-def exported_steps(plugin: Release, steps: int, tokens_per_step: int, n_micro: int = 2) -> list[int]:
+def exported_steps(plugin: Release, steps: int, tokens_per_step: int) -> list[int]:
     exported = []
     plugin.export = lambda trainer, module: (
-        exported.append(trainer.global_step) or setattr(plugin, "_last_step", trainer.global_step)
+        exported.append(trainer.global_step) or setattr(plugin, "_exported_step", trainer.global_step)
     )
     trainer = SimpleNamespace(global_step=0)
     model = SimpleNamespace(config=ModelConfig(n_layer=1, d_model=32, n_head=2, d_ff=64, vocab_size=64))
-    module = SimpleNamespace(tokens_per_batch=tokens_per_step, consumed_batches=0, model=model)
+    module = SimpleNamespace(model=model)
+    run = bind_run(plugin, tokens_per_batch=tokens_per_step)
     plugin.on_train_start(trainer, module)
-    for step in range(1, steps + 1):
-        for micro in range(n_micro):  # only the last micro-batch of a step completes an update
-            trainer.global_step = step if micro == n_micro - 1 else step - 1
-            module.consumed_batches = trainer.global_step
-            plugin.on_train_batch_end(trainer, module, None, {"micro": micro, "n_micro": n_micro}, 0)
+    for step in range(1, steps + 1):  # LitLM ends each applied update with on_step_end
+        trainer.global_step = run.consumed_batches = step
+        plugin.on_step_end(trainer, module, step)
     plugin.on_train_end(trainer, module)
     return exported
 

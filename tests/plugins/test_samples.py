@@ -8,18 +8,18 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
-from conftest import run_cli, tiny_overrides
+from conftest import bind_run, run_cli, tiny_overrides
 from tokenizers import Tokenizer
 
 import lit_open.plugins.samples as samples_module
 from lit_open.checkpoint.source import open_source, read_weights
 from lit_open.compose import load_train_config
 from lit_open.errors import UserError
-from lit_open.events import read_events
 from lit_open.generate import generate
 from lit_open.model import Transformer
 from lit_open.plugin import build_plugins
 from lit_open.plugins.samples import Samples, sampling_seed
+from lit_open.train.events import read_events
 
 PROMPTS = ["def ", "import os", "The "]
 MAX_NEW_TOKENS = 12
@@ -71,9 +71,10 @@ class NoConfig:
     pass
 
 
-def sampled_steps(plugin: Samples, run_dir, updates: list, start_step: int = 0, n_micro: int = 2) -> list[int]:
-    """Drive the plugin's hooks through `updates` (the step after each global batch; a skipped update repeats the
-    step; ("rollback", s) restores step s) with `sample` recording the step instead of generating."""
+def sampled_steps(plugin: Samples, run_dir, updates: list, start_step: int = 0) -> list[int]:
+    """Drive the plugin's hooks as LitLM does through `updates` (the step after each global batch; a skipped update
+    repeats the step: no on_step_end; ("rollback", s) restores step s) with `sample` recording the step instead of
+    generating."""
     sampled = []
 
     def record(trainer, module):
@@ -85,17 +86,16 @@ def sampled_steps(plugin: Samples, run_dir, updates: list, start_step: int = 0, 
     trainer = SimpleNamespace(
         global_step=start_step, is_global_zero=True, default_root_dir=str(run_dir), strategy=one_process
     )
-    module = SimpleNamespace(config=NoConfig())
+    module = None
+    bind_run(plugin, run_dir, config=NoConfig())
     plugin.on_train_start(trainer, module)
     for update in updates:
-        for micro in range(n_micro):
-            if micro + 1 == n_micro:  # only the last micro-batch of a global batch completes an update
-                if isinstance(update, tuple):
-                    trainer.global_step = update[1]
-                    plugin.on_rollback(trainer, module, SimpleNamespace(to_step=update[1]))
-                else:
-                    trainer.global_step = update
-            plugin.on_train_batch_end(trainer, module, None, {"micro": micro, "n_micro": n_micro}, 0)
+        if isinstance(update, tuple):
+            trainer.global_step = update[1]
+            plugin.on_rollback(trainer, module, SimpleNamespace(to_step=update[1]))
+        elif update != trainer.global_step:  # an applied update
+            trainer.global_step = update
+            plugin.on_step_end(trainer, module, update)
     plugin.on_train_end(trainer, module)
     return sampled
 

@@ -10,10 +10,10 @@ from conftest import tiny_overrides, train_losses
 
 from lit_open.compose import load_train_config
 from lit_open.errors import UserError
-from lit_open.events import read_events
 from lit_open.plugin import Plugin, build_plugins
 from lit_open.plugins.skip_step import SkipStep
 from lit_open.train import run
+from lit_open.train.events import read_events
 
 
 def metrics(step: int, loss: float, grad_norm: float = 1.0) -> dict[str, float]:
@@ -95,7 +95,7 @@ def _state(pl_module) -> list:
 
 
 def test_an_injected_spike_is_skipped_and_changes_nothing(tiny_data, tmp_path, monkeypatch):
-    import lit_open.train as train_module
+    import lit_open.train.runner as train_module
 
     cfg = load_train_config(
         tiny_overrides(

@@ -11,8 +11,8 @@ import torch
 from conftest import read_metrics, run_cli, tiny_overrides, train_losses
 
 from lit_open.errors import UserError
-from lit_open.events import read_events
 from lit_open.plugins.spike_rollback import SpikeRollback
+from lit_open.train.events import read_events
 
 SMALL = {"window": 8, "patience": 4, "rewind": 1, "skip_after": 3}
 

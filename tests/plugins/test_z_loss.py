@@ -8,12 +8,12 @@ from conftest import read_metrics, tiny_overrides
 
 from lit_open.compose import load_train_config
 from lit_open.errors import UserError
-from lit_open.events import read_events
-from lit_open.loss import lm_loss
 from lit_open.model import ModelConfig, Transformer
 from lit_open.plugin import Plugin, StepOutputs, build_plugins
 from lit_open.plugins.z_loss import ZLoss
 from lit_open.train import run
+from lit_open.train.events import read_events
+from lit_open.train.loss import lm_loss
 
 TINY = dict(vocab_size=96, pad_vocab_multiple=32, n_layer=1, d_model=32, n_head=4, d_ff=64, max_seq_len=16)
 
@@ -108,7 +108,7 @@ class LogsumexpProbe(Plugin):
 
 
 def train_with_probe(data, run_dir, monkeypatch, *plugin_overrides: str):
-    import lit_open.train as train_module
+    import lit_open.train.runner as train_module
 
     probe = LogsumexpProbe()
     real_build = train_module.build_plugins

@@ -12,7 +12,7 @@ from lit_open.checkpoint.resumable import (
     read_checkpoint,
 )
 from lit_open.errors import UserError
-from lit_open.events import EventLog, read_events
+from lit_open.train.events import EventLog, read_events
 
 
 class FakeTrainer:
@@ -23,6 +23,7 @@ class FakeTrainer:
         self.is_global_zero = True
         self.loggers = []
         self.strategy = SimpleNamespace(barrier=lambda name=None: None)
+        self.callbacks = []
         self.fail_at = fail_at
 
     def save_checkpoint(self, path):
@@ -35,14 +36,14 @@ class FakeTrainer:
 
 def save_at(writer, trainer, module, step):
     trainer.global_step = step
-    writer.on_train_batch_end(trainer, module)
+    writer.on_step_end(trainer, module, step)
 
 
 def test_checkpoints_are_step_numbered_pruned_and_pointed_at(tmp_path):
     directory = tmp_path / "checkpoints"
     writer = CheckpointWriter(directory, every_n_steps=2, keep_last=2)
     trainer = FakeTrainer()
-    module = SimpleNamespace(events=EventLog(tmp_path / "events.jsonl"))
+    module = SimpleNamespace(run=SimpleNamespace(events=EventLog(tmp_path / "events.jsonl")))
     for step in range(1, 8):
         save_at(writer, trainer, module, step)
     assert [p.name for p in list_checkpoints(directory)] == ["step-00000004.ckpt", "step-00000006.ckpt"]
@@ -57,7 +58,7 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_in_charge(tmp_path
     directory = tmp_path / "checkpoints"
     writer = CheckpointWriter(directory, every_n_steps=2, keep_last=0)
     trainer = FakeTrainer(fail_at=4)
-    module = SimpleNamespace(events=EventLog(None))
+    module = SimpleNamespace(run=SimpleNamespace(events=EventLog(None)))
     save_at(writer, trainer, module, 2)
     with pytest.raises(KeyboardInterrupt):
         save_at(writer, trainer, module, 4)

@@ -5,7 +5,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from lit_open.compose import group_options, load_prepare_config, load_train_config, to_yaml
+from lit_open.compose import group_options, load_command_config, load_train_config, to_yaml
 from lit_open.errors import UserError
 from lit_open.model import Transformer, num_parameters
 from lit_open.plugin import build_plugins
@@ -110,10 +110,10 @@ def test_saved_config_reproduces_the_run(tmp_path):
 
 
 def test_prepare_config_from_overrides():
-    cfg = load_prepare_config(["inputs=[a.jsonl,b/]", "output=out", "val_fraction=0.01"])
+    cfg = load_command_config("prepare", ["inputs=[a.jsonl,b/]", "output=out", "val_fraction=0.01"])
     assert (cfg.inputs, cfg.output, cfg.val_fraction, cfg.tokenizer) == (["a.jsonl", "b/"], "out", 0.01, None)
     with pytest.raises(UserError, match="Unknown config key 'ouput'"):
-        load_prepare_config(["ouput=x"])
+        load_command_config("prepare", ["ouput=x"])
 
 
 def test_installed_plugins_are_selectable_by_name(monkeypatch):
@@ -121,6 +121,9 @@ def test_installed_plugins_are_selectable_by_name(monkeypatch):
 
     monkeypatch.setattr(compose, "plugin_entry_points", lambda: {"recorder": "plugins_for_tests.Recorder"})
     cfg = load_train_config(["plugins=[recorder]"])
-    assert cfg.plugins == {"recorder": {"_target_": "plugins_for_tests.Recorder"}}
+    # registered from its Config dataclass, like the built-in plugins: every option with its default
+    assert cfg.plugins == {
+        "recorder": {"_target_": "plugins_for_tests.Recorder", "skip_at": [], "extra_loss": 0.0, "qk_norm": None}
+    }
     cfg = load_train_config(["plugins=[recorder]", "+plugins.recorder.skip_at=[3]"])
     assert cfg.plugins["recorder"]["skip_at"] == [3]

@@ -3,7 +3,7 @@
 from lightning.fabric.utilities import rank_zero as fabric_rank_zero
 from lightning.pytorch.utilities import rank_zero as pytorch_rank_zero
 
-from lit_open.loggers import ResumingCSVLogger
+from lit_open.glue import resuming_csv_logger as ResumingCSVLogger
 
 HISTORY = "step,train/loss\n1,2.0\n5,1.0\n"
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_open.loss import lm_loss, naive_lm_loss
+from lit_open.train.loss import lm_loss, naive_lm_loss
 
 B, T, D, VOCAB = 2, 13, 16, 40  # 26 tokens: chunk sizes below leave uneven last chunks
 

@@ -11,10 +11,10 @@ from conftest import tiny_overrides, train_losses
 from lit_open.compose import load_train_config
 from lit_open.config import OptimConfig, ScheduleConfig
 from lit_open.errors import UserError
-from lit_open.events import read_events
 from lit_open.model import ModelConfig, Transformer
-from lit_open.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from lit_open.train import run
+from lit_open.train.events import read_events
+from lit_open.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
 def tiny(**kw) -> Transformer:
@@ -171,7 +171,7 @@ def test_adamw8bit_gets_the_groups_and_hyperparameters_of_adamw():
 
 def test_adamw8bit_state_round_trips_in_torch_layout_and_a_checkpoint_rollback_restores_it():
     pytest.importorskip("bitsandbytes")
-    from lit_open.state import restore_snapshot, rng_state, snapshot_from_checkpoint
+    from lit_open.train.snapshots import restore_snapshot, rng_state, snapshot_from_checkpoint
 
     model = small_lm()
     optimizer = build_optimizer(model, OptimConfig(lr=3e-3, name="adamw8bit"))
@@ -210,7 +210,7 @@ def test_optimizer_state_of_the_other_optimizer_is_refused_by_name(saved_with, l
 
 
 def test_a_missing_or_broken_bitsandbytes_is_a_user_error(monkeypatch):
-    import lit_open.optim as optim
+    import lit_open.train.optim as optim
 
     optim._adamw8bit_class.cache_clear()
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import raises ModuleNotFoundError
@@ -234,7 +234,7 @@ def test_optim_name_accepts_adamw8bit_and_refuses_it_with_sharded_strategies():
 def test_a_run_resumes_exactly_from_a_checkpoint(tiny_data, tmp_path, monkeypatch, name):
     if name == "adamw8bit":
         pytest.importorskip("bitsandbytes")
-    import lit_open.train as train_module
+    import lit_open.train.runner as train_module
     from lit_open.plugin import Plugin
 
     class Crash(Exception):

@@ -13,10 +13,10 @@ import torch
 from lit_open.compose import load_train_config
 from lit_open.config import StrategyConfig
 from lit_open.errors import UserError
-from lit_open.loss import lm_loss
 from lit_open.model import ModelConfig, Transformer
 from lit_open.parallel import check_tensor_parallel, float8_filter, materialize, parallelize
-from lit_open.train import parallel_sizes
+from lit_open.train.loss import lm_loss
+from lit_open.train.runner import parallel_sizes
 
 TINY = dict(vocab_size=96, pad_vocab_multiple=32, n_layer=2, d_model=32, n_head=4, n_kv_head=2, d_ff=48, max_seq_len=16)
 

@@ -24,8 +24,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from lit_open.config import PrepareConfig
 from lit_open.data import prepare as prep
-from lit_open.data.prepare import load_tokenizer, prepare, read_manifest, resolve_eos, token_dtype, train_bpe
+from lit_open.data.manifest import read_manifest
+from lit_open.data.prepare import prepare
 from lit_open.data.readers import STDLIB_SKIP, discover, is_held_out, iter_documents, stdlib_files
+from lit_open.data.tokenizer import load_tokenizer, resolve_eos, token_dtype, train_bpe
 from lit_open.errors import UserError
 
 WORDS = "the a lit open model token data train value loss step chunk über café 日本 naïve λ → 🙂".split()

@@ -11,8 +11,8 @@ from lit_open.config import ScheduleConfig
 from lit_open.data.datamodule import StepBatchSampler
 from lit_open.data.order import DataOrder
 from lit_open.model import ModelConfig, Transformer
-from lit_open.optim import build_scheduler
-from lit_open.state import SnapshotRing, restore_snapshot, take_snapshot
+from lit_open.train.optim import build_scheduler
+from lit_open.train.snapshots import SnapshotRing, restore_snapshot, take_snapshot
 
 
 def tiny_training(seed: int = 0):

@@ -10,8 +10,8 @@ from conftest import read_metrics, tiny_overrides, train_losses
 from lit_open.compose import load_train_config
 from lit_open.data.order import DataOrder
 from lit_open.data.sequence import read_data_sequence
-from lit_open.events import read_events
 from lit_open.train import run
+from lit_open.train.events import read_events
 
 
 def train(data, run_dir, **extra):
@@ -75,7 +75,7 @@ def test_bf16_precisions_train(tiny_data, tmp_path, precision, dtype):
 def test_plugin_hooks_are_called_and_a_skipped_step_changes_nothing(tiny_data, tmp_path, monkeypatch):
     from plugins_for_tests import Recorder
 
-    import lit_open.train as train_module
+    import lit_open.train.runner as train_module
 
     plugins = []
 
@@ -105,7 +105,7 @@ class Crash(Exception):
 
 
 def test_a_crashed_run_resumes_and_repeats_the_uninterrupted_one(tiny_data, tmp_path, monkeypatch):
-    import lit_open.train as train_module
+    import lit_open.train.runner as train_module
     from lit_open.plugin import Plugin
 
     class CrashAtStep(Plugin):
@@ -149,7 +149,7 @@ def test_sources_are_mixed_by_weight_in_every_global_batch(tiny_data, tmp_path):
 
 def test_document_mask_gives_batches_document_ids_at_eos(tiny_data, tmp_path):
     from lit_open.data.datamodule import DataModule
-    from lit_open.data.prepare import read_manifest
+    from lit_open.data.manifest import read_manifest
 
     cfg = load_train_config(tiny_overrides(tiny_data, tmp_path / "run", **{"data.document_mask": "true"}))
     datamodule = DataModule(cfg.data, cfg.run.seed)

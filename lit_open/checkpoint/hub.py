@@ -1,0 +1,160 @@
+"""Hugging Face checkpoints on the hub or on disk: `hf:ORG/NAME@REVISION` and `hf:/local/dir` -> a local directory.
+
+`resolve_source` finds the directory of a checkpoint: a hub repo is downloaded through
+`huggingface_hub.snapshot_download` at its revision (config, weights in one format, tokenizer and generation config
+only), a local directory is used as it is. What the directory holds is read by `lit_open.checkpoint.hf`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+from filelock import FileLock
+
+from lit_open.errors import UserError, first_line
+
+HF_PREFIX = "hf:"
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+SAFE_PATTERNS = ["model*.safetensors", SAFE_INDEX]
+BIN_PATTERNS = ["pytorch_model*.bin", BIN_INDEX]
+HUB_PATTERNS = [CONFIG_FILE, GENERATION_CONFIG_FILE, *TOKENIZER_FILES]
+
+
+def resolve_source(source: str, revision: str | None = None) -> tuple[Path, dict]:
+    """The local directory of a Hugging Face checkpoint and where it came from.
+
+    `hf:ORG/NAME@REV` (or `hf:ORG/NAME`: the default branch) is downloaded with huggingface_hub at that revision
+    (config, weights in one format, tokenizer and generation config only); an explicit `revision` overrides `@REV`.
+    `hf:/local/dir` (also `hf:./dir`, `hf:~/dir`, or an existing relative path) and a plain existing directory are
+    used as they are. Provenance: {"repo", "revision", "commit"} for a hub source (the commit of the snapshot), {}
+    for a local directory. (The spec itself is the caller's: `init_from` events record it as `source`.)
+    """
+    spec = str(source)
+    if spec.startswith(HF_PREFIX):
+        rest = spec[len(HF_PREFIX) :]
+        if not rest:
+            raise UserError(
+                f"{spec!r} names no checkpoint: give hf:ORG/NAME@REVISION (a hub repo at a branch, tag or commit) "
+                "or hf:/path/to/dir (a Hugging Face directory on disk)."
+            )
+        if rest.startswith(("/", ".", "~")) or Path(rest).expanduser().exists():
+            return _local_source(Path(rest).expanduser(), spec, revision), {}
+        repo, _, at = rest.partition("@")
+        return _download(spec, repo, revision or at or None)
+    return _local_source(Path(spec).expanduser(), spec, revision), {}
+
+
+def _local_source(path: Path, spec: str, revision: str | None) -> Path:
+    if revision is not None:
+        raise UserError(
+            f"revision={revision!r} was given for {spec!r}, a local directory; revisions select a commit of a hub "
+            "repo (hf:ORG/NAME@REVISION). Drop the revision, or name the hub repo."
+        )
+    if not path.exists():
+        raise UserError(
+            f"{spec!r}: no such directory {str(path)!r}. Point at a Hugging Face checkpoint directory (with "
+            "config.json and the weights), as hf:/path/to/dir, or at a hub repo as hf:ORG/NAME@REVISION."
+        )
+    if not path.is_dir():
+        hint = (
+            f" (its directory {str(path.parent)!r}?)" if path.name in (CONFIG_FILE, SAFE_WEIGHTS, BIN_WEIGHTS) else ""
+        )
+        raise UserError(
+            f"{spec!r} is a file, not a directory: a Hugging Face checkpoint is a directory with config.json and "
+            f"the weights; give that directory{hint}."
+        )
+    return path
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(key, "").strip().lower() in ("1", "true", "yes", "on")
+        for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _download(spec: str, repo: str, revision: str | None) -> tuple[Path, dict]:
+    # imported here: only hub specs need it, and it loads an HTTP stack
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    offline = _offline()
+    patterns = HUB_PATTERNS + SAFE_PATTERNS + BIN_PATTERNS
+    if not offline:
+        try:  # one format only: repos that ship both safetensors and .bin would be downloaded twice
+            files = huggingface_hub.HfApi().list_repo_files(repo, revision=revision)
+            if any(re.fullmatch(r"model.*\.safetensors", f) for f in files):
+                patterns = HUB_PATTERNS + SAFE_PATTERNS
+            elif any(re.fullmatch(r"pytorch_model.*\.bin", f) for f in files):
+                patterns = HUB_PATTERNS + BIN_PATTERNS
+        except Exception:  # noqa: BLE001 - snapshot_download below reports the problem (or finds the cache)
+            pass
+    where = f"{repo} at revision {revision or 'main'}"
+    local_hint = (
+        "Download it where the hub can be reached (e.g. `hf download "
+        f"{repo}{' --revision ' + revision if revision else ''} --local-dir DIR`) and point at the directory: "
+        "init_from=hf:/path/to/dir (lit_open.load_hf('/path/to/dir') in Python)."
+    )
+    # Several processes of a run may ask at once (torchrun, SLURM: before any process group exists): one per cache
+    # downloads, the others wait for its lock and then find the snapshot in the cache.
+    lock = Path(huggingface_hub.constants.HF_HUB_CACHE) / ".locks" / f"lit-open-{_key(repo, revision)}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(lock):
+            directory = Path(
+                huggingface_hub.snapshot_download(
+                    repo, revision=revision, allow_patterns=patterns, local_files_only=offline
+                )
+            )
+    except hub_errors.GatedRepoError as err:
+        raise UserError(
+            f"{spec}: {repo} is gated; accept its terms on huggingface.co and log in (`hf auth login` or HF_TOKEN), "
+            f"or point at a local copy. {local_hint}"
+        ) from err
+    except hub_errors.RepositoryNotFoundError as err:
+        raise UserError(
+            f"{spec}: the hub has no repo {repo!r} (or it is private: log in with `hf auth login` or set HF_TOKEN). "
+            "Check the ORG/NAME in hf:ORG/NAME@REVISION."
+        ) from err
+    except hub_errors.RevisionNotFoundError as err:
+        raise UserError(
+            f"{spec}: {repo} has no revision {revision!r}. Give a branch, tag or commit of the repo (list them with "
+            f"huggingface_hub.list_repo_refs({repo!r}))."
+        ) from err
+    except hub_errors.HFValidationError as err:
+        raise UserError(
+            f"{spec}: {repo!r} is not a valid hub repo id ({first_line(err)}). Give hf:ORG/NAME@REVISION, or "
+            "hf:/path/to/dir for a directory on disk."
+        ) from err
+    except Exception as err:  # offline, no network, hub errors: all mean "could not get it from the hub"
+        reason = (
+            "HF_HUB_OFFLINE is set, so only the local huggingface_hub cache was searched, and it does not hold "
+            "this revision"
+            if offline
+            else f"the hub could not be reached or refused ({type(err).__name__}: {first_line(err)})"
+        )
+        raise UserError(f"Could not download {spec} ({where}): {reason}. {local_hint}") from err
+    commit = directory.name if re.fullmatch(r"[0-9a-f]{40}", directory.name) else None
+    return directory, {"repo": repo, "revision": revision or "main", "commit": commit}
+
+
+def _key(repo: str, revision: str | None) -> str:
+    return hashlib.sha256(f"{repo}@{revision or 'main'}".encode()).hexdigest()[:16]

@@ -1,0 +1,231 @@
+"""Every use of a private attribute or a monkeypatch of Lightning, litdata or lm-eval, each behind one named function.
+
+Nothing else in lit-open touches those libraries' internals. Each function reaches them through `_internal`, so a
+library upgrade that renames or removes one fails at once with a message naming the library, its version and the
+internal, not deep inside a run; `tests/unit/test_glue.py` exercises every function against the installed versions.
+
+Each function imports its library itself: `lit-open prepare`'s worker processes import this module (through
+`lit_open.data.prepare`) and must not pay for importing Lightning.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+NEVER = sys.maxsize  # a batch interval Lightning never reaches
+
+
+class InternalChanged(RuntimeError):
+    """A library no longer has an internal that lit-open relies on (see the message for which and where)."""
+
+
+def internal_changed(library: str, what: str) -> InternalChanged:
+    try:
+        installed = version(library)
+    except PackageNotFoundError:
+        installed = "(version unknown)"
+    return InternalChanged(
+        f"lit-open relies on {what}, an internal of {library}, and {library} {installed} does not have it. Install "
+        f"the {library} version that pyproject.toml admits, or update lit_open/glue.py for {library} {installed}."
+    )
+
+
+def _internal(owner: Any, attribute: str, library: str) -> Any:
+    """`owner.attribute`, or InternalChanged naming the library version when it is gone."""
+    try:
+        return getattr(owner, attribute)
+    except AttributeError:
+        name = owner.__name__ if isinstance(owner, type) else type(owner).__name__
+        raise internal_changed(library, f"{name}.{attribute}") from None
+
+
+# -- Lightning ------------------------------------------------------------------------------------------------------
+
+
+def _epoch_loop(trainer: Any) -> Any:
+    return _internal(_internal(trainer, "fit_loop", "lightning"), "epoch_loop", "lightning")
+
+
+def set_optimizer_step_count(trainer: Any, step: int) -> None:
+    """Make `trainer.global_step` read `step`.
+
+    Why: a rollback restores the training state of an earlier step, and the step counter must go back with it;
+    Lightning has no public setter (global_step counts the optimizer steps of manual optimization in the loop's
+    progress trackers).
+    """
+    manual = _internal(_epoch_loop(trainer), "manual_optimization", "lightning")
+    progress = _internal(manual, "optim_step_progress", "lightning")
+    for tracker in (progress.total, progress.current):
+        tracker.ready = tracker.completed = step
+
+
+def validate_after_this_batch(trainer: Any, due: bool) -> None:
+    """Have Lightning validate right after the current training batch (due) or not.
+
+    Why: lit-open validates every `trainer.val_check_interval` optimizer updates, and Lightning schedules validation
+    by counting batches; after a skipped update or a rollback a number of batches no longer maps to a number of
+    updates. Marking the very batch as Lightning's check point keeps validation on the update (a validation between
+    micro-batches would also release the gradients accumulated so far). The Trainer is built with
+    `val_check_interval=NEVER`, so nothing else schedules a validation.
+    """
+    batch = _internal(_epoch_loop(trainer), "total_batch_idx", "lightning")
+    _internal(trainer, "val_check_batch", "lightning")  # the attribute the epoch loop reads: it must still exist
+    trainer.val_check_batch = batch + 1 if due else NEVER
+
+
+def resuming_csv_logger(save_dir: str | Path, keep_through: int | None, **kwargs: Any) -> Any:
+    """Lightning's CSVLogger, except that a run resumed from step N keeps the rows of steps <= N of metrics.csv.
+
+    Why: Lightning's CSV writer deletes an existing metrics.csv when it starts (in a private method, with no
+    option); a resumed run must keep the history before its checkpoint and log the later steps again as it
+    replays them. `keep_through=None` (a fresh run) keeps Lightning's behaviour. Only global rank 0 touches the file.
+    """
+    return _resuming_csv_logger_class()(save_dir, keep_through, **kwargs)
+
+
+@functools.cache
+def _resuming_csv_logger_class() -> type:
+    # each library is imported in the function that needs it (see the module docstring)
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+    from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+    _internal(ExperimentWriter, "_check_log_dir_exists", "lightning")
+
+    class ResumingWriter(ExperimentWriter):
+        def __init__(self, log_dir: str, keep_through: int | None) -> None:
+            self.keep_through = keep_through
+            super().__init__(log_dir)
+
+        def _check_log_dir_exists(self) -> None:
+            fs = _internal(self, "_fs", "lightning")
+            if not fs.isfile(self.metrics_file_path):
+                return
+            if self.keep_through is None:
+                fs.rm_file(self.metrics_file_path)
+                return
+            with fs.open(self.metrics_file_path, "r", newline="") as f:
+                reader = csv.DictReader(f)
+                header = list(reader.fieldnames or [])
+                kept = [row for row in reader if row.get("step") and int(row["step"]) <= self.keep_through]
+            with fs.open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(kept)
+            self.metrics_keys = header
+
+    class ResumingCSVLogger(CSVLogger):
+        def __init__(self, save_dir: str | Path, keep_through: int | None, **kwargs: Any) -> None:
+            super().__init__(save_dir=str(save_dir), **kwargs)
+            self.keep_through = keep_through
+
+        @property
+        @rank_zero_experiment  # as Lightning's own: other ranks get a no-op and never touch (or truncate) the file
+        def experiment(self) -> ExperimentWriter:
+            if _internal(self, "_experiment", "lightning") is None:
+                _internal(self, "_fs", "lightning").makedirs(self.root_dir, exist_ok=True)
+                self._experiment = ResumingWriter(self.log_dir, self.keep_through)
+            return self._experiment
+
+    return ResumingCSVLogger
+
+
+# -- litdata --------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def litdata_optimize_sandbox(work_dir: Path) -> Iterator[None]:
+    """Undo what litdata's `optimize` changes process-wide, keep its scratch directories private, and let Ctrl-C
+    raise KeyboardInterrupt instead of exiting with status 0.
+
+    Why: `optimize` sets the multiprocessing start method to spawn (force=True), installs a SIGINT handler that calls
+    os._exit(0) (so Ctrl-C would exit "successfully" and skip the clean-up of a half-written output), sets
+    DATA_OPTIMIZER_* environment variables, and empties `$TMPDIR/chunks` and `$TMPDIR/data` unless
+    DATA_OPTIMIZER_CACHE_FOLDER / DATA_OPTIMIZER_DATA_CACHE_FOLDER point elsewhere. While inside, its SIGINT
+    handler is replaced by one that stops the workers and raises KeyboardInterrupt.
+    """
+    from litdata.processing.data_processor import DataProcessor  # see the module docstring
+
+    litdata_handler = _internal(DataProcessor, "_signal_handler", "litdata")
+    DataProcessor._signal_handler = _interrupt_optimize
+    start_method = multiprocessing.get_start_method(allow_none=True)
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
+    env_keys = (
+        "DATA_OPTIMIZER_CACHE_FOLDER",
+        "DATA_OPTIMIZER_DATA_CACHE_FOLDER",
+        "DATA_OPTIMIZER_NUM_WORKERS",
+        "DATA_OPTIMIZER_GLOBAL_RANK",
+    )
+    saved_env = {k: os.environ.get(k) for k in env_keys}
+    os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = str(work_dir / "litdata-chunks")
+    os.environ["DATA_OPTIMIZER_DATA_CACHE_FOLDER"] = str(work_dir / "litdata-data")
+    try:
+        yield
+    finally:
+        DataProcessor._signal_handler = litdata_handler
+        multiprocessing.set_start_method(start_method, force=True)
+        if main_thread and sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _interrupt_optimize(self: Any, signum: int, frame: Any) -> None:
+    """SIGINT during `optimize`: stop litdata's worker processes, then raise KeyboardInterrupt (not os._exit(0))."""
+    for worker in getattr(self, "workers", []):
+        worker.terminate()
+    raise KeyboardInterrupt
+
+
+# -- lm-eval --------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def lm_eval_progress_bars_off() -> Iterator[None]:
+    """Silence lm-eval's per-request progress bars while inside.
+
+    Why: they have no switch (lm-eval passes disable=False itself in places); in the training loop they would
+    interleave with the trainer's own progress, and an evaluation is reported in one line when done.
+    """
+    import lm_eval.api.model  # see the module docstring
+    import lm_eval.api.task
+    from tqdm import tqdm
+
+    def quiet(*args: Any, **kwargs: Any) -> tqdm:
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    modules = (lm_eval.api.task, lm_eval.api.model)
+    before = [_internal(module, "tqdm", "lm_eval") for module in modules]
+    for module in modules:
+        module.tqdm = quiet
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, before):
+            module.tqdm = original
+
+
+def load_lm_eval_task_yaml(path: Path) -> dict[str, Any]:
+    """A task YAML as lm-eval reads it (its `!function` tags and `include:` resolved).
+
+    Why: lm-eval reads task YAMLs with a loader of its private `_yaml_loader` module; a local task directory must
+    be read the same way to be passed on as an inline task config.
+    """
+    import lm_eval.tasks._yaml_loader as yaml_loader  # see the module docstring
+
+    return _internal(yaml_loader, "load_yaml", "lm_eval")(str(path))

@@ -1,0 +1,302 @@
+"""`lit_open.train.run(cfg)`: one training run, from a validated config to a summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
+
+from lit_open.checkpoint.resumable import CHECKPOINT_KEY, CheckpointWriter, find_resume_checkpoint, read_checkpoint
+from lit_open.checkpoint.source import apply_init_source, as_resumed_from
+from lit_open.compose import to_yaml
+from lit_open.config import MODEL_PARALLEL_STRATEGIES, TrainConfig, TrainerConfig
+from lit_open.data.datamodule import DataModule, micro_batches_per_step, open_sources
+from lit_open.data.prepare import prepare
+from lit_open.data.sequence import DataSequenceLog
+from lit_open.errors import UserError
+from lit_open.glue import NEVER
+from lit_open.model.config import NON_ARCHITECTURE_KEYS
+from lit_open.parallel import check_tensor_parallel
+from lit_open.plugin import Plugin, build_plugins
+from lit_open.train.loggers import build_loggers
+from lit_open.train.module import LitLM
+from lit_open.train.progress import StepProgress
+from lit_open.train.summary import console, print_header, print_summary, summarize
+
+
+def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+    """Train as `cfg` says; returns the summary that is also printed (steps, tokens, losses, paths).
+
+    explicit_model_keys: the model keys the user set on the command line (`lit_open.compose.explicit_model_keys`):
+    with `init_from`, one that contradicts the source's architecture is refused instead of replaced.
+    """
+    run_dir = Path(cfg.run.dir)
+    rank_zero = rank_zero_only.rank == 0  # read from the launcher's environment; valid before the Trainer exists
+    plugins = build_plugins(cfg.plugins)  # their options are checked here, before any data is prepared
+    cfg = with_plugin_options(cfg, plugins)
+    if rank_zero:
+        ensure_writable(run_dir)
+    resume_path = find_resume_checkpoint(cfg.resume, run_dir)
+    if resume_path is not None:
+        check_checkpoint_kind(resume_path, cfg.strategy.name)
+    resumed = read_checkpoint(resume_path) if resume_path is not None else None
+    if cfg.init_from:  # the source's architecture and tokenizer (a hub source is downloaded once per cache)...
+        if resumed is None:
+            cfg = apply_init_source(cfg, explicit_model_keys)
+        else:  # ... which a resumed run has in its checkpoint: no download, also on a cluster without the hub
+            cfg = as_resumed_from(cfg, resumed[CHECKPOINT_KEY]["config"], explicit_model_keys)
+    ensure_data(cfg, rank_zero)
+    data_parallel, tensor_parallel = parallel_sizes(cfg)
+    check_tensor_parallel(cfg.model, tensor_parallel, cfg.data.seq_len)
+    n_micro = micro_batches_per_step(cfg.data, data_parallel)
+    changed = check_resumable(cfg, resumed) if resumed is not None else {}
+    resume_step = resumed["global_step"] if resumed is not None else 0
+    del resumed  # only its metadata was needed; Lightning loads the checkpoint itself
+    if rank_zero:
+        write_atomically(run_dir / "config.yaml", to_yaml(cfg))
+
+    if cfg.trainer.matmul_precision:
+        torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    datamodule = DataModule(cfg.data, cfg.run.seed, [phase for p in plugins for phase in p.data_phases(cfg)])
+    module = LitLM(
+        cfg,
+        plugins,
+        run_dir,
+        init_from=cfg.init_from if resume_path is None else None,
+        data_parallel_size=data_parallel,
+        tensor_parallel_size=tensor_parallel,
+    )
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=build_strategy(cfg.strategy.name, data_parallel, tensor_parallel),
+        precision=cfg.trainer.precision,
+        max_steps=cfg.trainer.max_steps,
+        max_epochs=-1,
+        check_val_every_n_epoch=None,
+        # Lightning counts validation intervals in batches; ours are optimizer steps: LitLM decides batch by batch
+        val_check_interval=NEVER,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the DataModule gives every rank its slice of the global order
+        enable_checkpointing=False,  # CheckpointWriter writes atomic, step-numbered checkpoints instead
+        enable_model_summary=False,
+        logger=build_loggers(cfg.logger, run_dir, resume_step if resume_path is not None else None),
+        callbacks=[
+            StepProgress(),
+            CheckpointWriter(
+                run_dir / "checkpoints",
+                cfg.checkpoint.every_n_steps,
+                cfg.checkpoint.keep_last,
+                cfg.checkpoint.keep_every,
+            ),
+            DataSequenceLog(run_dir / "data_sequence"),
+            *plugins,
+        ],
+        default_root_dir=run_dir,
+        # Under SLURM, Lightning's own requeue would write an hpc_ckpt that it then loads behind lit-open's back;
+        # resume=auto with CheckpointWriter's checkpoints is the way runs continue after a preemption.
+        plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
+        inference_mode=False,  # metric state made by a standalone validate() must stay updatable in fit()
+    )
+    events = module.run.events
+    events.enabled = events.enabled and trainer.is_global_zero
+    if data_parallel * tensor_parallel != trainer.world_size:
+        raise UserError(
+            f"The run is configured for {data_parallel * tensor_parallel} processes (trainer.devices="
+            f"{cfg.trainer.devices} x trainer.num_nodes={cfg.trainer.num_nodes}) but the launcher started "
+            f"{trainer.world_size}. Make trainer.devices equal the processes per node (torchrun --nproc-per-node, "
+            "srun --ntasks-per-node) and trainer.num_nodes the number of nodes."
+        )
+    if trainer.is_global_zero:
+        print_header(cfg, trainer, n_micro, resume_path, resume_step)
+    if resume_path is not None:
+        events.write(resume_step, "resume", checkpoint=str(resume_path), changed=changed)
+    else:
+        events.write(
+            0,
+            "start",
+            recipe=cfg.run.recipe,
+            world_size=trainer.world_size,
+            strategy=cfg.strategy.name,
+            data_parallel_size=data_parallel,
+            tensor_parallel_size=tensor_parallel,
+        )
+
+    has_val = bool(cfg.data.val_sources)
+    try:
+        if has_val and resume_path is None and cfg.trainer.validate_at_start:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
+        val_history = module.run.history["val/loss"]
+        if has_val and (not val_history or val_history[-1][0] != trainer.global_step):
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+    finally:
+        release_process_group()
+    summary = summarize(module.run, trainer, resume_step)
+    if trainer.is_global_zero:
+        print_summary(summary)
+    return summary
+
+
+def with_plugin_options(cfg: TrainConfig, plugins: list[Plugin]) -> TrainConfig:
+    """`cfg` with every option of every plugin written out, defaults included, as the plugins were built: config.yaml
+    and checkpoints then hold the options the run used, even if a later version changes a default."""
+    keys = [key for key, spec in cfg.plugins.items() if isinstance(spec, dict) and "_target_" in spec]
+    blocks = {key: {"_target_": cfg.plugins[key]["_target_"], **asdict(p.cfg)} for key, p in zip(keys, plugins)}
+    return dataclasses.replace(cfg, plugins=blocks)
+
+
+def release_process_group() -> None:
+    """Destroy torch.distributed's process group once the work is done.
+
+    Lightning leaves it alive; its communication threads still running at interpreter exit can abort the process
+    ("terminate called without an active exception") after a run that succeeded, and an in-process caller could
+    not start another distributed run.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def processes_per_node(trainer: TrainerConfig) -> int:
+    """trainer.devices as a number of processes per node (Lightning also accepts a list or auto / -1)."""
+    devices = trainer.devices
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if devices in ("auto", -1):
+        gpu = trainer.accelerator in ("gpu", "cuda") or (trainer.accelerator == "auto" and torch.cuda.is_available())
+        return max(torch.cuda.device_count(), 1) if gpu else 1
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    raise UserError(f"trainer.devices={devices!r}: give a number of devices per node, a list of device ids or auto.")
+
+
+def parallel_sizes(cfg: TrainConfig) -> tuple[int, int]:
+    """(data-parallel size, tensor-parallel size) of the run; their product is the number of processes."""
+    per_node = processes_per_node(cfg.trainer)
+    world = per_node * cfg.trainer.num_nodes
+    strategy = cfg.strategy
+    if strategy.name not in MODEL_PARALLEL_STRATEGIES:
+        return world, 1
+    default_tp = {"fsdp": 1, "tp": world, "fsdp_tp": per_node}[strategy.name]
+    tp = strategy.tensor_parallel_size or default_tp
+    dp = strategy.data_parallel_size or max(world // tp, 1)
+    if dp * tp != world:
+        raise UserError(
+            f"strategy={strategy.name} with data_parallel_size={dp} x tensor_parallel_size={tp} = {dp * tp} "
+            f"processes, but the run has {world} (trainer.devices={cfg.trainer.devices} x trainer.num_nodes="
+            f"{cfg.trainer.num_nodes}). Make the product equal the number of processes, or leave one size null."
+        )
+    return dp, tp
+
+
+def build_strategy(name: str, data_parallel: int, tensor_parallel: int) -> Strategy | str:
+    if name == "ddp":
+        return DDPStrategy()
+    if name in MODEL_PARALLEL_STRATEGIES:
+        # Distributed checkpoints: one shard file per process, loadable with another number of processes.
+        return ModelParallelStrategy(
+            data_parallel_size=data_parallel, tensor_parallel_size=tensor_parallel, save_distributed_checkpoint=True
+        )
+    return "auto"
+
+
+def check_checkpoint_kind(path: Path, strategy: str) -> None:
+    """A sharded (directory) checkpoint loads only into a sharded model."""
+    if path.is_dir() and strategy not in MODEL_PARALLEL_STRATEGIES:
+        raise UserError(
+            f"{path} is a sharded checkpoint (saved with strategy=fsdp, tp or fsdp_tp) and strategy={strategy} "
+            "cannot load it. Resume with strategy=fsdp (it also runs on a single device) or another of those."
+        )
+
+
+def ensure_writable(run_dir: Path) -> None:
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(
+            f"run.dir={str(run_dir)!r} is not writable ({err.strerror}). Choose another with run.dir=PATH."
+        ) from None
+
+
+def ensure_data(cfg: TrainConfig, rank_zero: bool, need_train: bool = True) -> None:
+    """Prepare the sources on first use when the data config says how; wait for rank 0 on other ranks."""
+    data = cfg.data
+    train_sources = data.sources if need_train else []
+    paths = [Path(s.path).expanduser() for s in train_sources + data.val_sources]
+    missing = [p for p in paths if not (p / "index.json").is_file()]
+    if missing and data.prepare is not None:
+        if rank_zero:
+            console.print(f"Preparing data into {data.prepare.output} (first use)...")
+            prepare(data.prepare)
+        else:
+            deadline = time.monotonic() + 3600
+            while any(not (p / "index.json").is_file() for p in paths) and time.monotonic() < deadline:
+                time.sleep(2)
+    if need_train and not data.sources:
+        raise UserError(
+            "data.sources is empty. Give the prepared data to train on, e.g. "
+            "'data.sources=[{path:/data/mine/train,weight:1.0}]' (quoted for the shell; write the data with "
+            "`lit-open prepare`)."
+        )
+    block = data.seq_len + 1
+    sources = open_sources(train_sources, block, "data.sources") + open_sources(
+        data.val_sources, block, "data.val_sources"
+    )
+    vocab = sources[0].manifest["tokenizer"]["vocab_size"]
+    if vocab > cfg.model.padded_vocab_size:
+        raise UserError(
+            f"The data was tokenized with a {vocab}-token vocabulary but the model has "
+            f"{cfg.model.padded_vocab_size} embedding rows (model.vocab_size={cfg.model.vocab_size}); "
+            f"set model.vocab_size={vocab} or use data tokenized for this model."
+        )
+
+
+def check_resumable(cfg: TrainConfig, checkpoint: dict[str, Any]) -> dict[str, list]:
+    """Refuse a checkpoint of another architecture; return the other config keys that changed since it."""
+    saved = checkpoint[CHECKPOINT_KEY]["config"]
+    current = asdict(cfg)
+    model_diff = {
+        k: (saved["model"].get(k), v)
+        for k, v in current["model"].items()
+        if k not in NON_ARCHITECTURE_KEYS and saved["model"].get(k) != v
+    }
+    if model_diff:
+        listing = ", ".join(f"model.{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in model_diff.items())
+        raise UserError(
+            f"The checkpoint to resume was trained with another model ({listing}). Resume with the same model "
+            "settings, or start a new run (resume=none or another run.dir)."
+        )
+    return {key: [old, new] for key, (old, new) in _flat_diff(saved, current).items()}
+
+
+def _flat_diff(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
+    diff = {}
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff.update(_flat_diff(a, b, f"{prefix}{key}."))
+        elif a != b:
+            diff[f"{prefix}{key}"] = (a, b)
+    return diff
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,144 @@
+"""lit_open/glue.py: every function that touches a Lightning, litdata or lm-eval internal, exercised against the
+installed versions. When a library changes an internal, these fail with the message the user would see, which names
+the library, its version and the internal."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from importlib.metadata import version
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lit_open import glue
+
+
+class CountingModule(L.LightningModule):
+    """Manual optimization, as LitLM: counts batches and validations; after `rewind_at` updates the step counter
+    goes back to 0 once (a rollback), and validation is asked for right after batch `validate_after`."""
+
+    def __init__(self, rewind_at: int, validate_after: int) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.layer = torch.nn.Linear(2, 1)
+        self.rewind_at, self.validate_after = rewind_at, validate_after
+        self.batches, self.validated_after = 0, []
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        self.manual_backward(self.layer(batch).sum())
+        optimizer.step()
+        optimizer.zero_grad()
+        self.batches += 1
+        if self.global_step == self.rewind_at and self.rewind_at:
+            glue.set_optimizer_step_count(self.trainer, 0)
+            self.rewind_at = 0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        glue.validate_after_this_batch(self.trainer, due=batch_idx == self.validate_after)
+
+    def validation_step(self, batch, batch_idx):
+        self.validated_after.append(self.batches)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_step_counter_goes_back_and_validation_follows_the_batch_it_is_asked_for(tmp_path):
+    module = CountingModule(rewind_at=2, validate_after=3)
+    trainer = L.Trainer(
+        max_steps=3,
+        val_check_interval=glue.NEVER,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+    )
+    data = DataLoader(torch.randn(64, 2), batch_size=1)
+    trainer.fit(module, train_dataloaders=data, val_dataloaders=DataLoader(torch.randn(1, 2), batch_size=1))
+    assert module.batches == 5 and trainer.global_step == 3  # 2 updates, back to 0, then 3 more
+    assert module.validated_after == [4]  # after the 4th batch (batch_idx 3) only
+
+
+def test_the_csv_logger_keeps_the_rows_a_resumed_run_has(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.csv").write_text("step,train/loss\n1,2.0\n2,1.5\n3,1.0\n")
+    logger = glue.resuming_csv_logger(tmp_path, keep_through=2, name="logs", version="")
+    logger.log_metrics({"train/loss": 0.5}, step=3)
+    logger.save()
+    assert (tmp_path / "logs" / "metrics.csv").read_text().splitlines() == [
+        "step,train/loss",
+        "1,2.0",
+        "2,1.5",
+        "3,0.5",
+    ]
+
+
+def test_litdata_optimize_is_sandboxed_and_restored(tmp_path):
+    from litdata.processing.data_processor import DataProcessor
+
+    before = (DataProcessor._signal_handler, multiprocessing.get_start_method(allow_none=True))
+    sigint = signal.getsignal(signal.SIGINT)
+    with glue.litdata_optimize_sandbox(tmp_path):
+        assert DataProcessor._signal_handler is glue._interrupt_optimize
+        assert os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] == str(tmp_path / "litdata-chunks")
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C during optimize: an exception, not os._exit(0)
+            glue._interrupt_optimize(type("Processor", (), {"workers": []})(), signal.SIGINT, None)
+    assert (DataProcessor._signal_handler, multiprocessing.get_start_method(allow_none=True)) == before
+    assert signal.getsignal(signal.SIGINT) is sigint and "DATA_OPTIMIZER_CACHE_FOLDER" not in os.environ
+
+
+def test_lm_eval_progress_bars_are_off_inside_only():
+    import lm_eval.api.model
+    import lm_eval.api.task
+
+    original = lm_eval.api.task.tqdm
+    with glue.lm_eval_progress_bars_off():
+        for module in (lm_eval.api.task, lm_eval.api.model):
+            assert module.tqdm(range(3), disable=False).disable
+    assert lm_eval.api.task.tqdm is original
+
+
+def test_lm_eval_reads_a_task_yaml(tmp_path):
+    (tmp_path / "base.yaml").write_text("output_type: multiple_choice\n")
+    (tmp_path / "task.yaml").write_text("include: base.yaml\ntask: mine\ndataset_path: json\n")
+    config = glue.load_lm_eval_task_yaml(tmp_path / "task.yaml")
+    assert config["task"] == "mine" and config["output_type"] == "multiple_choice"
+
+
+@pytest.mark.parametrize(
+    ("library", "owner", "attribute", "call"),
+    [
+        ("litdata", "litdata.processing.data_processor.DataProcessor", "_signal_handler", "sandbox"),
+        ("lightning", "lightning.fabric.loggers.csv_logs._ExperimentWriter", "_check_log_dir_exists", "csv"),
+        ("lm_eval", "lm_eval.tasks._yaml_loader", "load_yaml", "yaml"),
+        ("lightning", "lightning.pytorch.loops.training_epoch_loop._TrainingEpochLoop", "total_batch_idx", "validate"),
+    ],
+)
+def test_a_changed_internal_names_the_library_and_its_version(library, owner, attribute, call, monkeypatch, tmp_path):
+    import importlib
+
+    module_name, _, class_name = owner.rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module_name), class_name)
+    except AttributeError:
+        target = importlib.import_module(owner)
+    monkeypatch.delattr(target, attribute)
+    glue._resuming_csv_logger_class.cache_clear()
+    calls = {
+        "sandbox": lambda: glue.litdata_optimize_sandbox(tmp_path).__enter__(),
+        "csv": lambda: glue.resuming_csv_logger(tmp_path, keep_through=None),
+        "yaml": lambda: glue.load_lm_eval_task_yaml(tmp_path / "x.yaml"),
+        "validate": lambda: glue.validate_after_this_batch(L.Trainer(logger=False, accelerator="cpu"), due=True),
+    }
+    with pytest.raises(glue.InternalChanged, match=rf"{attribute}.*{library} {version(library)}"):
+        calls[call]()
+    glue._resuming_csv_logger_class.cache_clear()
