@@ -5,6 +5,8 @@ import re
 import pytest
 from conftest import read_metrics, run_cli
 
+from lit_open.compose import load_train_config
+
 
 @pytest.mark.slow
 def test_quickstart_trains_its_held_out_loss_falls_below_60_percent_and_its_benchmark_rises(tmp_path):
@@ -18,7 +20,9 @@ def test_quickstart_trains_its_held_out_loss_falls_below_60_percent_and_its_benc
     assert last[1] < 0.6 * first[1], val
     # the in-loop benchmark prepare built from held-out files: from chance (0.25 of 200 items) clearly upwards
     acc = [(int(r["step"]), float(r["eval/next_line/acc"])) for r in rows if r.get("eval/next_line/acc")]
-    assert [step for step, _ in acc] == list(range(0, 361, 60))
+    recipe = load_train_config([])  # the quickstart recipe: evaluated at the start and every N steps to the end
+    every, steps = recipe.plugins["lm_eval"]["every_n_steps"], recipe.trainer.max_steps
+    assert [step for step, _ in acc] == list(range(0, steps + 1, every))
     assert acc[0][1] < 0.35 and acc[-1][1] > 0.4 and acc[-1][1] > acc[0][1] + 0.1, acc
     summary = result.stderr[result.stderr.index("Done:") :]
     assert re.search(r"benchmark next_line/acc [\d.]+ -> [\d.]+", summary)

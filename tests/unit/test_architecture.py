@@ -4,10 +4,12 @@ no module over 500 lines, the Lightning / litdata / lm-eval internals only in li
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 # source directory -> the package it ships as (pyproject.toml's package-dir)
@@ -138,3 +140,49 @@ def test_library_internals_are_touched_only_in_the_glue_module():
         if PRIVATE.search(line) and not line.lstrip().startswith("#")
     ]
     assert not users, f"private library internals outside lit_open/glue.py: {users}"
+
+
+def _documented(cell: str, n: int) -> list:
+    """The values of a table cell for `n` keys: `a, b` or one value for all of them."""
+
+    def value(item):
+        item = item.strip("` ") if isinstance(item, str) else item
+        loaded = yaml.safe_load(item) if isinstance(item, str) else item
+        try:
+            return float(loaded) if isinstance(loaded, str) else loaded
+        except ValueError:
+            return loaded
+
+    cell = cell.strip()
+    if n > 1:
+        parts = yaml.safe_load("[" + cell.replace("`", "") + "]")
+        if len(parts) == n:
+            return [value(p) for p in parts]
+    return [value(cell)] * n
+
+
+def test_the_config_defaults_in_docs_architecture_are_config_pys():
+    """docs/architecture.md tabulates the config keys with their defaults: they must stay config.py's."""
+    from lit_open.config import TrainConfig
+    from lit_open.model.config import ModelConfig
+
+    defaults = {
+        f"{group.name}.{key}": value
+        for group in dataclasses.fields(TrainConfig)
+        if dataclasses.is_dataclass(group.default_factory)
+        for key, value in dataclasses.asdict(group.default_factory()).items()
+    }
+    defaults.update({f"model.{f.name}": f.default for f in dataclasses.fields(ModelConfig)})
+    text = (REPO / "docs" / "architecture.md").read_text()
+    section = text[text.index("### 2.2") : text.index("### 2.3")]
+    rows = re.findall(r"^\| (`[\w.]+`(?:, `[\w.]+`)*) \| ([^|]+) \| [^|]+ \|$", section, re.MULTILINE)
+    checked = 0
+    for keys_cell, default_cell in rows:
+        names = re.findall(r"`([\w.]+)`", keys_cell)
+        prefix = names[0].rsplit(".", 1)[0]
+        keys = [name if "." in name else f"{prefix}.{name}" for name in names]
+        for key, documented in zip(keys, _documented(default_cell, len(keys))):
+            assert key in defaults, f"docs/architecture.md documents {key}, which config.py does not have"
+            assert documented == defaults[key], f"{key}: documented {documented!r}, config.py {defaults[key]!r}"
+            checked += 1
+    assert checked >= 60  # every table row was read

@@ -60,7 +60,7 @@ def test_olmo2_recipes_train_with_the_stability_plugins(recipe):
 def test_model_presets_resolve_derived_fields_from_their_own_sizes():
     # regression: head_dim/n_kv_head must come from the preset, not from the dataclass's default sizes
     cfg = load_train_config([])
-    assert (cfg.model.d_model, cfg.model.head_dim, cfg.model.n_kv_head) == (256, 64, 4)
+    assert (cfg.model.d_model, cfg.model.head_dim, cfg.model.n_kv_head) == (192, 48, 4)
     cfg = load_train_config(["model=pythia_160m"])
     assert (cfg.model.head_dim, cfg.model.rotary_dim) == (64, 16)
 
