@@ -75,16 +75,16 @@ def test_throughput_on_cpu_writes_json_for_lightning_and_bare(tmp_path):
 
 def hand_flops_per_token_quickstart(seq_len: int) -> int:
     """6*N + 12*L*d*T for conf/model/quickstart.yaml, counted by hand (tied embedding: counted once, as the head)."""
-    vocab, d, layers, d_ff = 1024, 256, 4, 704  # vocab 1024 is already a multiple of 128: no padding
+    vocab, d, layers, d_ff = 1024, 192, 4, 512  # vocab 1024 is already a multiple of 128: no padding
     per_block = 4 * d * d + 3 * d * d_ff + 2 * d  # wq wk wv wo, SwiGLU w1 w2 w3, two RMSNorm weights
     n = layers * per_block + d + vocab * d  # + final norm + the (tied) output head
-    assert n == 3_475_712
+    assert n == 1_967_808
     return 6 * n + 12 * layers * d * seq_len
 
 
 def test_flops_formula_counts_the_head_but_not_the_input_embedding():
     quickstart = load_train_config(["model=quickstart"]).model  # tied embeddings
-    assert non_embedding_parameters(quickstart) == 3_475_712
+    assert non_embedding_parameters(quickstart) == 1_967_808
     assert flops_per_token(quickstart, 64) == hand_flops_per_token_quickstart(64)
     olmo = load_train_config(["model=olmo2_1b"]).model  # untied: the embedding is left out, the head counted
     d, vocab = 2048, 100352
