@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
-from lit_open.plugin import Plugin, RunState
-from lit_open.train.events import EventLog
+if os.environ.get("PYTEST_XDIST_WORKER"):  # a test worker among two: one thread for torch here and in subprocesses
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402 - after the thread count is set
+
+from lit_open.plugin import Plugin, RunState  # noqa: E402
+from lit_open.train.events import EventLog  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,22 +37,52 @@ def isolated_cache(tmp_path_factory) -> Path:
     return cache
 
 
+def made_once(tmp_path_factory, name: str, build) -> Path:
+    """The directory `name` that `build(path)` fills once per test session: under xdist the first worker to need
+    it builds it while holding a lock, and the others wait for it and read it (tests must not write into it)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above each worker's own
+    path = root / name
+    with FileLock(f"{path}.lock"):
+        if not (path / ".complete").exists():
+            shutil.rmtree(path, ignore_errors=True)  # what a failed attempt left
+            path.mkdir(parents=True)
+            build(path)
+            (path / ".complete").touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """60 standard-library files tokenized with a 512-token BPE: train/ and val/ splits, about 300k tokens."""
+    return made_once(tmp_path_factory, "tiny-data", _prepare_tiny_data) / "prepared"
+
+
+def _prepare_tiny_data(root: Path) -> None:
     from lit_open.config import PrepareConfig
     from lit_open.data.prepare import prepare
     from lit_open.data.readers import stdlib_files
 
-    root = tmp_path_factory.mktemp("tiny-data")
     corpus = root / "corpus"
     corpus.mkdir()
     files = [p for p in stdlib_files()[1] if p.stat().st_size > 4000][:60]
     for i, path in enumerate(files):
         (corpus / f"{i:03d}.py").write_text(path.read_text(errors="replace"))
-    out = root / "prepared"
-    prepare(PrepareConfig(inputs=[str(corpus)], output=str(out), vocab_size=512, val_fraction=0.1, num_workers=1))
-    return out
+    prepare(
+        PrepareConfig(
+            inputs=[str(corpus)], output=str(root / "prepared"), vocab_size=512, val_fraction=0.1, num_workers=1
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def strategy_runs(tiny_data, tmp_path_factory) -> dict[str, Path]:
+    """Run directories of the quickstart model trained under each strategy of tests/strategy_runs.py, by name."""
+    from strategy_runs import SETUPS, build_strategy_runs  # it imports this module's helpers
+
+    root = made_once(tmp_path_factory, "strategy-runs", lambda path: build_strategy_runs(tiny_data, path))
+    return {name: root / name for name in SETUPS}
 
 
 TINY_MODEL = {
@@ -162,10 +204,43 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict |
     )
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    """`gpu` tests need CUDA: skip them on machines without it (CI has no GPU)."""
-    import torch
+def cli_here(*args: str) -> subprocess.CompletedProcess:
+    """`lit-open ARGS` through the console script's own entry point (`lit_open.cli.main`), in this process: for
+    commands that end before training starts (help, listing, user errors), without a new interpreter's imports."""
+    from lit_open.cli import main
 
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    return subprocess.CompletedProcess(["lit-open", *args], code, out.getvalue(), err.getvalue())
+
+
+# The files that take longest (about 30 s to 150 s each on 2 cores), started first so that the two test workers
+# finish together instead of one of them starting the quickstart last. The files that read the session's
+# strategy runs come after the one that builds them (second: the second worker's first file), so that the other
+# worker reaches them once the runs exist instead of waiting for them.
+LONGEST_FIRST = (
+    "e2e/test_quickstart.py",
+    "distributed/test_strategies.py",
+    "e2e/test_cli.py",
+    "plugins/test_spike_rollback.py",
+    "e2e/test_finetune.py",
+    "unit/test_prepare.py",
+    "e2e/test_eval_tasks.py",
+    "distributed/test_lm_eval_ranks.py",
+    "plugins/test_monitor.py",
+    "unit/test_plugin_api.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The longest files first; `gpu` tests need CUDA: skip them on machines without it (CI has no GPU)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(item.fspath).relative_to(REPO / "tests").as_posix(), len(rank)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

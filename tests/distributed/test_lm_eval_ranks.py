@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, run_cli, run_gloo, tiny_overrides
+from conftest import read_metrics, run_gloo
 from lm_eval_tasks import TINY_CONFIG, write_local_tasks
+from strategy_runs import STEPS
 
 from lit_open.config import StrategyConfig
 from lit_open.data.tokenizer import tokenizer_and_eos
@@ -92,31 +93,16 @@ def test_sharded_model_scores_like_the_whole_model(strategy, tiny_data, tmp_path
     assert reporters == (["rank0.json"] if strategy == "fsdp" else ["rank0.json", "rank1.json"])
 
 
-def test_in_loop_eval_under_lightning_strategies_matches_one_process(tiny_data, tmp_path):
-    """`lit-open train plugins=[lm_eval]` with fsdp and tp on 2 processes logs the single-process numbers."""
-    tasks = write_local_tasks(tiny_data.parent / "corpus", tmp_path / "tasks", docs=9, generation=True)
-    lm_eval = {
-        "plugins": "[lm_eval]",
-        "plugins.lm_eval.tasks": f"[{tasks}]",
-        "plugins.lm_eval.every_n_steps": 0,
-        "plugins.lm_eval.at_start": "false",
-        "trainer.max_steps": 3,
-        "trainer.val_check_interval": 0,
-    }
+@pytest.mark.parametrize("setup", ["ddp2", "fsdp2", "fsdp1", "tp2", "fsdp_tp4"])
+def test_in_loop_eval_under_lightning_strategies_matches_one_process(strategy_runs, setup):
+    """`lit-open train plugins=[lm_eval]` under each strategy (tests/strategy_runs.py) logs the single-process
+    numbers at the end of training."""
     results = {}
-    for name, strategy in {
-        "single": {},
-        "fsdp2": {"strategy": "fsdp", "trainer.devices": 2},
-        "tp2": {"strategy": "tp", "trainer.devices": 2},
-    }.items():
-        run_dir = tmp_path / name
-        result = run_cli("train", *tiny_overrides(tiny_data, run_dir, **lm_eval, **strategy), timeout=600)
-        assert result.returncode == 0, result.stderr[-4000:]
-        (row,) = [r for r in read_metrics(run_dir) if r.get("eval/next_line/acc")]
-        assert int(row["step"]) == 3
+    for name in ("single", setup):
+        (row,) = [r for r in read_metrics(strategy_runs[name]) if r.get("eval/next_line/acc")]
+        assert int(row["step"]) == STEPS
         results[name] = {k: float(v) for k, v in row.items() if k.startswith("eval/") and v}
     assert len(results["single"]) >= 5
-    for name in ("fsdp2", "tp2"):
-        assert results[name].keys() == results["single"].keys()
-        for key, value in results["single"].items():
-            assert math.isclose(results[name][key], value, rel_tol=1e-4, abs_tol=1e-9), (name, key)
+    assert results[setup].keys() == results["single"].keys()
+    for key, value in results["single"].items():
+        assert math.isclose(results[setup][key], value, rel_tol=1e-4, abs_tol=1e-9), key

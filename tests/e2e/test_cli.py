@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import read_metrics, run_cli, tiny_overrides
+from conftest import cli_here, read_metrics, run_cli, tiny_overrides
 
 
 def assert_user_error(result, *fragments):
@@ -17,10 +17,10 @@ def assert_user_error(result, *fragments):
 
 
 def test_help_and_listing():
-    result = run_cli("--help")
+    result = cli_here("--help")
     assert result.returncode == 0 and "lit-open COMMAND" in result.stdout
-    assert_user_error(run_cli("fly"), "Unknown command 'fly'", "train, prepare, eval, convert, report, list")
-    recipes = run_cli("list", "recipes").stdout.splitlines()
+    assert_user_error(cli_here("fly"), "Unknown command 'fly'", "train, prepare, eval, convert, report, list")
+    recipes = cli_here("list", "recipes").stdout.splitlines()
     assert [line.split()[0] for line in recipes] == [
         "amber_7b",
         "amber_7b_continue",
@@ -32,10 +32,10 @@ def test_help_and_listing():
         "pythia_160m_finetune",
         "quickstart",
     ]
-    models = {line.split()[0]: line for line in run_cli("list", "models").stdout.splitlines()}
+    models = {line.split()[0]: line for line in cli_here("list", "models").stdout.splitlines()}
     assert "1.48B" in models["olmo2_1b"] and "162.3M" in models["pythia_160m"] and "65.29B" in models["k2_65b"]
-    assert run_cli("list", "plugins").returncode == 0
-    assert_user_error(run_cli("list", "things"), "lit-open list recipes|models|plugins")
+    assert cli_here("list", "plugins").returncode == 0
+    assert_user_error(cli_here("list", "things"), "lit-open list recipes|models|plugins")
 
 
 @pytest.mark.parametrize(
@@ -49,13 +49,13 @@ def test_help_and_listing():
     ],
 )
 def test_bad_configuration_exits_2_before_training(args, fragments, tmp_path):
-    assert_user_error(run_cli("train", f"run.dir={tmp_path / 'run'}", *args), *fragments)
+    assert_user_error(cli_here("train", f"run.dir={tmp_path / 'run'}", *args), *fragments)
 
 
 def test_unwritable_run_directory_exits_2(tiny_data, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    result = run_cli("train", *tiny_overrides(tiny_data, blocker / "run"))
+    result = cli_here("train", *tiny_overrides(tiny_data, blocker / "run"))
     assert_user_error(result, "is not writable", "run.dir=PATH")
 
 
@@ -89,19 +89,19 @@ def test_prepare_train_eval_and_checkpoint_errors(tmp_path):
     val = [float(r["val/loss"]) for r in read_metrics(run_dir) if r["step"] == "6" and r["val/loss"]][0]
     reported = float(evaluated.stderr.split("held-out loss ")[1].split(",")[0])
     assert reported == pytest.approx(val, abs=1e-4)
-    assert_user_error(run_cli("eval"), "checkpoint=PATH")
-    assert_user_error(run_cli("eval", f"checkpoint={tmp_path / 'nope.ckpt'}"), "no such file")
+    assert_user_error(cli_here("eval"), "checkpoint=PATH")
+    assert_user_error(cli_here("eval", f"checkpoint={tmp_path / 'nope.ckpt'}"), "no such file")
 
     # a checkpoint of another architecture
     assert_user_error(
-        run_cli("train", *overrides, "model.n_layer=3", "trainer.max_steps=9"),
+        cli_here("train", *overrides, "model.n_layer=3", "trainer.max_steps=9"),
         "another model",
         "model.n_layer: 2 in the checkpoint, 3 now",
     )
     # a truncated (partial) newest checkpoint: named, with the older one offered
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     assert_user_error(
-        run_cli("train", *overrides, "trainer.max_steps=9"),
+        cli_here("train", *overrides, "trainer.max_steps=9"),
         "Cannot read checkpoint",
         "step-00000006.ckpt",
         "resume=",
@@ -110,4 +110,4 @@ def test_prepare_train_eval_and_checkpoint_errors(tmp_path):
     # an explicit resume path that is garbage
     junk = tmp_path / "junk.ckpt"
     junk.write_text("not a checkpoint")
-    assert_user_error(run_cli("train", *overrides, f"resume={junk}"), "Cannot read checkpoint", "junk.ckpt")
+    assert_user_error(cli_here("train", *overrides, f"resume={junk}"), "Cannot read checkpoint", "junk.ckpt")

@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from conftest import read_metrics, run_cli, tiny_overrides
+from conftest import cli_here, read_metrics, run_cli, tiny_overrides
 from lm_eval_tasks import write_local_tasks
 
 from lit_open.train.events import read_events
@@ -66,9 +66,9 @@ def test_in_loop_and_offline_lm_eval_agree(tiny_data, tmp_path):
 
 def test_eval_tasks_user_errors(tiny_data, tmp_path):
     missing = tmp_path / "no-such-tasks"
-    result = run_cli("eval", f"checkpoint=hf:{tmp_path}", f"tasks=[{missing}]")
+    result = cli_here("eval", f"checkpoint=hf:{tmp_path}", f"tasks=[{missing}]")
     assert result.returncode == 2 and f"tasks: '{missing}' does not exist" in result.stderr, result.stderr
-    result = run_cli("eval", f"checkpoint={tmp_path / 'x.ckpt'}", "tasks=[hellaswag]", "limit=zero")
+    result = cli_here("eval", f"checkpoint={tmp_path / 'x.ckpt'}", "tasks=[hellaswag]", "limit=zero")
     assert result.returncode == 2 and "limit='zero' must be a whole number" in result.stderr
 
     run_dir = tmp_path / "run"

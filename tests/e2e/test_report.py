@@ -8,7 +8,7 @@ import json
 import re
 
 import pytest
-from conftest import read_metrics, run_cli, tiny_overrides
+from conftest import cli_here, read_metrics, run_cli, tiny_overrides
 
 from lit_open.commands.report import curve, final_metrics, markers, read_trace, report, undone_rows
 from lit_open.compose import load_command_config
@@ -169,6 +169,6 @@ def test_report_on_two_quickstart_runs_through_the_cli(tiny_data, tmp_path):
 
 
 def test_a_missing_run_dir_exits_2_naming_it(tmp_path):
-    result = run_cli("report", f"run.dir={tmp_path / 'nope'}")
+    result = cli_here("report", f"run.dir={tmp_path / 'nope'}")
     assert result.returncode == 2
     assert f"the run directory {tmp_path / 'nope'} does not exist" in result.stderr and "Traceback" not in result.stderr

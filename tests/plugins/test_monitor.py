@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, run_cli, tiny_overrides
+from conftest import read_metrics, tiny_overrides
 
 import lit_open.train.runner as train_module
 from lit_open.compose import load_train_config
@@ -269,46 +269,12 @@ def test_parameter_groups():
 # -- several processes, compiled blocks ----------------------------------------------------------------------
 
 
-def cli_overrides(data: Path, run_dir: Path, **extra: object) -> list[str]:
-    """The quickstart model on the tiny corpus for 4 steps of 8 x 32 tokens, monitored at steps 2 and 4."""
-    settings = {
-        "data.val_sources": "[]",
-        "trainer.max_steps": 4,
-        "trainer.val_check_interval": 0,
-        "checkpoint.every_n_steps": 100,
-        "plugins": "[monitor]",
-        "plugins.monitor.every_n_steps": 2,
-        **extra,
-    }
-    return ["train", *tiny_overrides(data, run_dir, model="quickstart", **settings)]
-
-
-@pytest.fixture(scope="module")
-def single_process(tiny_data, tmp_path_factory) -> dict[int, dict[str, str]]:
-    run_dir = tmp_path_factory.mktemp("monitor-single") / "run"
-    result = run_cli(*cli_overrides(tiny_data, run_dir), timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return monitor_rows(read_metrics(run_dir))
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "setup",
-    [
-        {"strategy": "ddp", "trainer.devices": 2},
-        {"strategy": "fsdp", "trainer.devices": 2},
-        {"strategy": "tp", "trainer.devices": 2},
-        {"strategy": "fsdp_tp", "strategy.tensor_parallel_size": 2, "trainer.devices": 4, "data.micro_batch_size": 2},
-        # forward hooks on compiled blocks, which activation checkpointing recomputes in the backward pass
-        {"strategy": "fsdp", "strategy.compile": "true", "strategy.activation_checkpointing": "full"},
-    ],
-    ids=["ddp2", "fsdp2", "tp2", "fsdp_tp4", "fsdp1_compiled_checkpointed"],
-)
-def test_sharded_and_compiled_runs_log_what_a_plain_run_logs(single_process, tiny_data, tmp_path, setup):
-    run_dir = tmp_path / "run"
-    result = run_cli(*cli_overrides(tiny_data, run_dir, **setup), timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    monitored = monitor_rows(read_metrics(run_dir))
+@pytest.mark.parametrize("setup", ["ddp2", "fsdp2", "tp2", "fsdp_tp4", "fsdp1_compiled_checkpointed"])
+def test_sharded_and_compiled_runs_log_what_a_plain_run_logs(strategy_runs, setup):
+    """The quickstart model for 5 steps under each strategy (tests/strategy_runs.py), monitored at steps 2 and 4."""
+    single_process = monitor_rows(read_metrics(strategy_runs["single"]))
+    monitored = monitor_rows(read_metrics(strategy_runs[setup]))
     assert sorted(monitored) == sorted(single_process) == [2, 4]
     for step, row in monitored.items():
         reference = single_process[step]

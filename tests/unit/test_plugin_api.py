@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, Crash, run_cli, tiny_overrides
+from conftest import REPO, Crash, cli_here, run_cli, tiny_overrides
 
 import lit_open.train.runner as train_module
 from lit_open.compose import load_train_config, plugin_defaults, plugin_entry_points
@@ -120,10 +120,11 @@ def third_party_package(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_a_third_party_plugin_installed_by_entry_point_is_selectable_and_checked(
-    tiny_data, tmp_path, third_party_package
+    tiny_data, tmp_path, third_party_package, monkeypatch
 ):
     env = {"PYTHONPATH": str(third_party_package)}
-    listed = run_cli("list", "plugins", env=env)
+    monkeypatch.syspath_prepend(str(third_party_package))  # for the in-process calls: listing and start-up errors
+    listed = cli_here("list", "plugins")
     assert "tokens_seen  Writes the tokens seen every N updates." in listed.stdout
     assert re.search(r"every +2 +updates between two events", listed.stdout)
 
@@ -145,7 +146,7 @@ def test_a_third_party_plugin_installed_by_entry_point_is_selectable_and_checked
         ({"plugins.tokens_seen.every": "often"}, "plugins.tokens_seen.every='often' must be a whole number"),
         ({"plugins.tokens_seen.every": 0}, "plugins.tokens_seen.every=0 must be at least 1"),
     ):
-        result = run_cli("train", *tiny_overrides(tiny_data, tmp_path / "bad", plugins="[tokens_seen]", **bad), env=env)
+        result = cli_here("train", *tiny_overrides(tiny_data, tmp_path / "bad", plugins="[tokens_seen]", **bad))
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr and not (tmp_path / "bad" / "config.yaml").exists()
 
