@@ -63,7 +63,7 @@ def strategy_overrides(data: Path, run_dir: Path, tasks: Path, **extra: object) 
 
 def train_strategy(data: Path, run_dir: Path, tasks: Path, **extra: object) -> None:
     """One `lit-open train` as a user types it (Lightning starts the processes); fails with the run's stderr."""
-    env = {"PYTHONPATH": os.pathsep.join([str(DISTRIBUTED_TESTS), os.environ.get("PYTHONPATH", "")])}
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(DISTRIBUTED_TESTS), os.environ.get("PYTHONPATH")]))}
     result = run_cli(*strategy_overrides(data, run_dir, tasks, **extra), env=env, timeout=300)
     assert result.returncode == 0, f"{run_dir.name}: {result.stderr[-4000:]}"
 
