@@ -11,7 +11,9 @@ Output layout (built in `<output>.tmp-<pid>` and renamed to `<output>` only when
 Tokenizing runs in litdata `optimize` workers (spawned processes). Each work item is a run of consecutive input
 files; the worker function yields one array per document and, when a run is done, writes that run's per-file
 document and token counts to a side directory, which the main process sums into the manifest. So the counts are
-exact without tokenizing twice, and they are checked against the token total of litdata's own index.
+exact without tokenizing twice, and they are checked against the token total of litdata's own index. Long documents
+are tokenized in pieces (`lit_open.data.pieces`). Bytes that are not UTF-8 are counted per file, named on the
+console and counted per input in the manifest.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from tokenizers import Tokenizer
 
 from lit_open.config import PrepareConfig
 from lit_open.data.manifest import FORMAT, MANIFEST, lit_open_version
 from lit_open.data.next_line import TASK_NAME, write_next_line_task
-from lit_open.data.readers import InputFile, discover, is_held_out, iter_documents
+from lit_open.data.pieces import encode_in_pieces
+from lit_open.data.readers import InputFile, ReadStats, discover, is_held_out, iter_documents
 from lit_open.data.tokenizer import (
     DEFAULT_EOS,
     TOKENIZER_FILE,
@@ -50,7 +54,8 @@ from lit_open.errors import UserError
 from lit_open.glue import litdata_optimize_sandbox
 
 _ENCODE_BATCH_DOCS = 1024  # documents handed to the Rust tokenizer at once (it encodes a batch in parallel)
-_ENCODE_BATCH_CHARS = 4 << 20
+_ENCODE_BATCH_CHARS = 1 << 20  # ... or characters: the tokenizer takes about 150 bytes per token while it encodes
+_NOTED_FILES = 10  # files with bytes that are not UTF-8 named on the console
 _ITEM_MAX_BYTES = 32 << 20  # a work item is a run of consecutive files of at most this many bytes (or one file)
 _ITEMS_PER_WORKER = 4
 # A worker process costs seconds to start (it imports torch), and the Rust tokenizer already encodes a batch on
@@ -130,6 +135,7 @@ def prepare(cfg: PrepareConfig) -> Path:
             train_docs[files[i].source] += s.documents
             held_out[files[i].source] += s.other
         _check_documents(cfg, sources, train_docs, held_out)
+        undecodable = _note_undecodable(files, stats["train"], len(sources))  # the train pass reads every file
         if cfg.val_fraction > 0:
             # the files holding held-out documents, weighted by the share of their documents held out
             sizes = {
@@ -142,7 +148,7 @@ def prepare(cfg: PrepareConfig) -> Path:
 
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         for split, per_file in stats.items():
-            manifest = _manifest(cfg, split, sources, per_file, dtype, tokenizer_info, created)
+            manifest = _manifest(cfg, split, sources, per_file, dtype, tokenizer_info, created, undecodable)
             (tmp / split / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         shutil.rmtree(tmp / "_work")
         _publish(tmp, output, cfg.overwrite)
@@ -156,6 +162,19 @@ def prepare(cfg: PrepareConfig) -> Path:
         parts.append(f"{split} {docs:,} documents / {tokens:,} tokens")
     console.print(f"Prepared {output}: {', '.join(parts)} ({dtype}) in {time.perf_counter() - start:.1f} s.")
     return output
+
+
+def _note_undecodable(files: list[InputFile], per_file: dict[int, _FileStats], num_sources: int) -> list[int]:
+    """Name the files that hold bytes that are not UTF-8 (and how many) on the console; return the count per input."""
+    bad = [(files[i], s.undecodable) for i, s in sorted(per_file.items()) if s.undecodable]
+    for f, n in bad[:_NOTED_FILES]:
+        console.print(f"  [yellow]Note:[/] {escape(f.path)}: {n:,} byte{'s' * (n > 1)} not UTF-8, replaced by U+FFFD")
+    if len(bad) > _NOTED_FILES:
+        console.print(
+            f"  [yellow]Note:[/] and {len(bad) - _NOTED_FILES:,} more files with bytes that are not UTF-8 "
+            f"({sum(n for _, n in bad):,} bytes in all; manifest.json counts them per input)"
+        )
+    return [sum(n for f, n in bad if f.source == source) for source in range(num_sources)]
 
 
 def _write_heldout_task(cfg: PrepareConfig, files: list[InputFile], out_dir: Path) -> None:
@@ -177,6 +196,7 @@ class _FileStats:
     documents: int = 0  # documents of this split
     tokens: int = 0  # their tokens, EOS included
     other: int = 0  # documents of the other split (skipped)
+    undecodable: int = 0  # bytes of the file that are not UTF-8 (replaced by U+FFFD)
 
 
 @dataclass(frozen=True)
@@ -347,7 +367,8 @@ def _tokenize_item(item: list[int], job: _Job) -> Iterator[np.ndarray]:
         chars = 0
 
         def flush() -> Iterator[np.ndarray]:
-            encodings = encode([text for _, text in batch], add_special_tokens=job.add_special_tokens)
+            nonlocal chars
+            encodings = encode([text for _, text in batch], add_special_tokens=job.add_special_tokens) if batch else []
             for (i, _), encoding in zip(batch, encodings):
                 ids = encoding.ids
                 ids.append(job.eos_id)
@@ -355,21 +376,29 @@ def _tokenize_item(item: list[int], job: _Job) -> Iterator[np.ndarray]:
                 stats[i].tokens += len(ids)
                 yield np.asarray(ids, dtype=dtype)
             batch.clear()
+            chars = 0
 
         for i in item:
             path, key = job.files[i]
-            for index, text in iter_documents(path, job.text_key):
+            read = ReadStats()
+            for index, text in iter_documents(path, job.text_key, read):
                 if is_held_out(key, index, job.val_fraction) != want_val:
                     stats[i].other += 1
+                    continue
+                ids = encode_in_pieces(tokenizer, text, job.add_special_tokens, dtype, _ENCODE_BATCH_CHARS)
+                if ids is not None:  # a long document
+                    yield from flush()  # the documents before it first: the order stays the files'
+                    stats[i].documents += 1
+                    stats[i].tokens += len(ids) + 1
+                    yield np.append(ids, np.asarray(job.eos_id, dtype=dtype))
                     continue
                 batch.append((i, text))
                 chars += len(text)
                 if len(batch) >= _ENCODE_BATCH_DOCS or chars >= _ENCODE_BATCH_CHARS:
                     yield from flush()
-                    chars = 0
-        if batch:
-            yield from flush()
-        record = {str(i): [s.documents, s.tokens, s.other] for i, s in stats.items()}
+            stats[i].undecodable = read.undecodable_bytes
+        yield from flush()
+        record = {str(i): [s.documents, s.tokens, s.other, s.undecodable] for i, s in stats.items()}
         _write_atomic(Path(job.stats_dir) / f"item-{item[0]}.json", json.dumps(record))
     except UserError as err:
         _write_atomic(Path(job.stats_dir) / f"error-{item[0]:09d}.txt", str(err))
@@ -390,8 +419,8 @@ def _write_atomic(path: Path, text: str) -> None:
 def _read_stats(stats_dir: Path, file_indices: list[int]) -> dict[int, _FileStats]:
     stats: dict[int, _FileStats] = {}
     for path in stats_dir.glob("item-*.json"):
-        for i, (documents, tokens, other) in json.loads(path.read_text()).items():
-            stats[int(i)] = _FileStats(documents, tokens, other)
+        for i, counts in json.loads(path.read_text()).items():
+            stats[int(i)] = _FileStats(*counts)
     missing = set(file_indices) - set(stats)
     if missing:
         raise RuntimeError(f"lit-open bug: no token counts came back for {len(missing)} input file(s).")
@@ -411,10 +440,12 @@ def _manifest(
     dtype: str,
     tokenizer_info: dict[str, Any],
     created: str,
+    undecodable: list[int],
 ) -> dict[str, Any]:
     files = [f for source in sources for f in source]
     per_source = [
-        {"input": spec, "files": len(sources[s]), "documents": 0, "tokens": 0} for s, spec in enumerate(cfg.inputs)
+        {"input": spec, "files": len(sources[s]), "documents": 0, "tokens": 0, "undecodable_bytes": undecodable[s]}
+        for s, spec in enumerate(cfg.inputs)
     ]
     for i, s in per_file.items():
         entry = per_source[files[i].source]

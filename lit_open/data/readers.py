@@ -3,10 +3,13 @@
 An input is a file, a directory (searched recursively for `DOC_SUFFIXES`), a glob, or the word `stdlib` (the
 Python standard library's own sources). Every file is named by its path relative to the input's root (its
 `key`); the key and the document's index in the file decide, by a stable hash, whether the document is held out.
+Text is UTF-8: bytes that are not are replaced by U+FFFD (as errors="replace" does) and counted (`ReadStats`), so
+that prepare can say which files had them.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import hashlib
@@ -14,7 +17,9 @@ import io
 import json
 import os
 import sysconfig
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,18 @@ STDLIB_SKIP = frozenset(
 )
 _GLOB_CHARS = frozenset("*?[")
 _PARQUET_BATCH_ROWS = 1024
+_REPLACE = "lit_open.replace_counted"  # errors= handler: Python's "replace", counting the bytes it replaces
+_replaced = threading.local()  # .bytes: bytes replaced by this thread so far
+
+
+def _replace_counted(err: UnicodeError) -> tuple[str, int]:
+    if not isinstance(err, UnicodeDecodeError):
+        raise err
+    _replaced.bytes = getattr(_replaced, "bytes", 0) + err.end - err.start
+    return "\ufffd", err.end
+
+
+codecs.register_error(_REPLACE, _replace_counted)
 
 
 @dataclass(frozen=True)
@@ -130,6 +147,24 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     return root, sorted(paths)
 
 
+@dataclass
+class ReadStats:
+    """What reading a file had to repair."""
+
+    undecodable_bytes: int = 0  # bytes that are not UTF-8 (replaced by U+FFFD)
+
+
+@contextmanager
+def _counting(stats: ReadStats | None) -> Iterator[None]:
+    """Adds the bytes the decoding inside the block replaced to `stats` (exact per file: decoding is synchronous)."""
+    before = getattr(_replaced, "bytes", 0)
+    try:
+        yield
+    finally:
+        if stats is not None:
+            stats.undecodable_bytes += getattr(_replaced, "bytes", 0) - before
+
+
 def is_held_out(key: str, index: int, val_fraction: float) -> bool:
     """Whether document `index` of the file named `key` belongs to the validation split (stable across runs)."""
     if val_fraction <= 0.0:
@@ -138,11 +173,14 @@ def is_held_out(key: str, index: int, val_fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2**64 < val_fraction
 
 
-def iter_documents(path: str | Path, text_key: str = "text") -> Iterator[tuple[int, str]]:
+def iter_documents(
+    path: str | Path, text_key: str = "text", stats: ReadStats | None = None
+) -> Iterator[tuple[int, str]]:
     """Yield `(index, text)` for every non-empty document of a file, in file order.
 
     `index` counts the file's records (JSON objects, parquet rows), the empty ones included, so that it stays
-    stable; a whole-text file (txt, md, py, anything else) is one document with index 0.
+    stable; a whole-text file (txt, md, py, anything else) is one document with index 0. Bytes that are not UTF-8
+    become U+FFFD; `stats`, when given, counts them (over the file's records read so far, empty ones included).
     """
     path = str(path)
     name = path.lower()
@@ -150,12 +188,12 @@ def iter_documents(path: str | Path, text_key: str = "text") -> Iterator[tuple[i
     inner = name[:-3] if compressed else name
     try:
         if inner.endswith((".jsonl", ".json")):
-            yield from _iter_json(path, compressed, text_key)
+            yield from _iter_json(path, compressed, text_key, stats)
         elif inner.endswith(".parquet") and not compressed:
             yield from _iter_parquet(path, text_key)
         else:
-            with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
-                text = f.read().decode("utf-8", errors="replace")
+            with gzip.open(path, "rb") if compressed else open(path, "rb") as f, _counting(stats):
+                text = f.read().decode("utf-8", errors=_REPLACE)
             if text and not text.isspace():
                 yield 0, text
     except UserError:
@@ -164,13 +202,14 @@ def iter_documents(path: str | Path, text_key: str = "text") -> Iterator[tuple[i
         raise UserError(f"Could not read the input file {path}: {err}. Fix or remove the file.") from None
 
 
-def _iter_json(path: str, compressed: bool, text_key: str) -> Iterator[tuple[int, str]]:
+def _iter_json(path: str, compressed: bool, text_key: str, stats: ReadStats | None) -> Iterator[tuple[int, str]]:
     raw = gzip.open(path, "rb") if compressed else open(path, "rb")
     array = path.lower().removesuffix(".gz").endswith(".json") and raw.peek(256).lstrip().startswith(b"[")
-    with io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
+    with io.TextIOWrapper(raw, encoding="utf-8", errors=_REPLACE) as f:
         if array:  # a .json file holding one array of objects
             try:
-                records = json.load(f)
+                with _counting(stats):
+                    records = json.load(f)
             except json.JSONDecodeError as err:
                 raise UserError(
                     f"{path} is not valid JSON ({err}). JSON inputs hold one JSON object per line, or one array."
@@ -181,7 +220,7 @@ def _iter_json(path: str, compressed: bool, text_key: str) -> Iterator[tuple[int
                     yield index, text
             return
         index = 0
-        for line_no, line in enumerate(f, 1):
+        for line_no, line in enumerate(_lines(f, stats), 1):
             if not line.strip():
                 continue
             try:
@@ -195,6 +234,17 @@ def _iter_json(path: str, compressed: bool, text_key: str) -> Iterator[tuple[int
             if text and not text.isspace():
                 yield index, text
             index += 1
+
+
+def _lines(f: io.TextIOWrapper, stats: ReadStats | None) -> Iterator[str]:
+    """The lines of `f`, counting the bytes replaced while reading each (decoding happens as lines are read)."""
+    lines = iter(f)
+    while True:
+        with _counting(stats):
+            line = next(lines, None)
+        if line is None:
+            return
+        yield line
 
 
 def _text_of(record: object, text_key: str, where: str) -> str | None:

@@ -19,10 +19,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import cli_here
 from litdata import StreamingDataset, TokensLoader
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from lit_open.config import PrepareConfig
+from lit_open.data import pieces
 from lit_open.data import prepare as prep
 from lit_open.data.manifest import read_manifest
 from lit_open.data.prepare import prepare
@@ -498,3 +500,151 @@ def test_ctrl_c_while_tokenizing_exits_non_zero_and_leaves_nothing(tmp_path, tok
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "nothing was written" in stderr and "Prepared" not in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_undecodable_bytes_are_counted_and_named_per_file(tokenizer_path, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "good.txt").write_text("plain UTF-8 text: café, naïve, 日本\n")
+    (corpus / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9 au lait"}\n{"text": "na\xefve \xe0 la carte"}\n')  # 3
+    (corpus / "broken.txt").write_bytes(b"ok \xff\xfe then a cut-off \xe2\x82")  # 2 + 2
+    out = tmp_path / "out"
+    result = cli_here("prepare", f"inputs=[{corpus}]", f"output={out}", f"tokenizer={tokenizer_path}", "num_workers=1")
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if "not UTF-8" in line]
+    assert len(notes) == 2, result.stderr
+    assert f"{corpus / 'broken.txt'}: 4 bytes" in notes[0] and f"{corpus / 'latin1.jsonl'}: 3 bytes" in notes[1]
+    for split in ("train",):
+        (source,) = read_manifest(out / split)["sources"]
+        assert source["undecodable_bytes"] == 7
+
+
+def _mixed_text(size: int) -> str:
+    """Code (indentation, blank lines, runs of spaces), prose, digits, a long line and non-ASCII text."""
+    parts, n = [], 0
+    for i, path in enumerate(stdlib_files()[1]):
+        parts.append(path.read_text(errors="replace"))
+        parts.append("\n\nPlain prose follows here.  Two spaces, then 1234567 digits; café → 日本 🙂.\n")
+        if i % 20 == 0:  # a long line, a long run without spaces, and whitespace-only lines
+            parts.append(" ".join(["word"] * 3000) + "\n" + "=" * 5000 + "\n\n\n   \n")
+        n += sum(len(part) for part in parts[-3:])
+        if n >= size:
+            return "".join(parts)[:size]
+    raise AssertionError("the standard library is too small")
+
+
+class _SpyTokenizer:
+    """A tokenizer that remembers the longest text it was asked to encode."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer, self.longest = tokenizer, 0
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.tokenizer, name)
+        if not name.startswith("encode"):
+            return attr
+
+        def encode(texts, *args, **kwargs):
+            self.longest = max(self.longest, *(len(t) for t in ([texts] if isinstance(texts, str) else texts)))
+            return attr(texts, *args, **kwargs)
+
+        return encode
+
+
+def _llama3_style(texts: list[str]) -> Tokenizer:
+    """A BPE with Llama 3's pre-tokenizer (a split regex, then bytes) and a BOS added by its post-processor."""
+    pattern = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+        r"\s+(?!\S)|\s+"
+    )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=800, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return tok
+
+
+def _sentencepiece_style(texts: list[str]) -> Tokenizer:
+    """Llama 2's layout: no pre-tokenizer, a normalizer that prepends "▁" to every text it is given."""
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["</s>"]))
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["project", "llama3_style", "sentencepiece_style"])
+def test_long_documents_are_tokenized_in_pieces_with_the_same_tokens(kind, tmp_path, monkeypatch):
+    text = _mixed_text(300_000)
+    sample = [line for line in text[:100_000].splitlines() if line.strip()]
+    build = {"project": lambda t: train_bpe(t, 1000), "llama3_style": _llama3_style}
+    tok = build.get(kind, _sentencepiece_style)(sample)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "long.txt").write_text(text)
+    add_special = kind == "llama3_style"
+    job = prep._Job(
+        files=((str(tmp_path / "long.txt"), "long.txt"),),
+        split="train",
+        val_fraction=0.0,
+        text_key="text",
+        tokenizer_path=str(tmp_path / "tokenizer.json"),
+        eos_id=1,
+        dtype="int32",
+        add_special_tokens=add_special,
+        stats_dir=str(tmp_path),
+    )
+    spy = _SpyTokenizer(Tokenizer.from_file(job.tokenizer_path))
+    monkeypatch.setattr(prep, "_cached_tokenizer", lambda path: spy)
+    monkeypatch.setattr(pieces, "PIECE_CHARS", 4096, raising=False)  # 73 pieces: a split point every 4k characters
+    (tokens,) = list(prep._tokenize_item([0], job))
+    assert tokens.tolist() == [*tok.encode(text, add_special_tokens=add_special).ids, 1]
+    if kind == "sentencepiece_style":  # every piece would start with a "▁" the whole text has not: not split
+        assert spy.longest == len(text)
+    else:  # pieces of about 4096 characters (longer where no cut point is near: a run of 5000 "=")
+        assert spy.longest < 10_000
+
+
+MEMORY_PROBE = """
+import json, re, sys
+from pathlib import Path
+from tokenizers import Tokenizer
+from lit_open.data import prepare as prep
+
+def peak_mb():  # this process's own peak RSS (getrusage's also counts the parent's, from before the exec)
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+work = Path(sys.argv[1])
+job = prep._Job(((str(work / "long.txt"), "long.txt"),), "train", 0.0, "text", str(work / "tokenizer.json"), 0,
+                "uint16", False, str(work))
+Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from the RSS now (Linux)
+before = peak_mb()
+(tokens,) = list(prep._tokenize_item([0], job))
+growth = peak_mb() - before
+text = (work / "long.txt").read_text()
+whole = Tokenizer.from_file(job.tokenizer_path).encode(text, add_special_tokens=False).ids + [0]
+result = {"growth_mb": growth, "whole_mb": peak_mb() - before, "tokens": len(whole)}
+print(json.dumps({**result, "equal": tokens.tolist() == whole}))
+"""
+
+
+@pytest.mark.slow
+def test_a_long_document_is_tokenized_in_bounded_memory(tmp_path):
+    """A 4 MB document: its tokens as if tokenized whole, in a fraction of the memory that takes (about 600 MB)."""
+    text = _mixed_text(4_000_000)
+    (tmp_path / "long.txt").write_text(text)
+    train_bpe([text[:1_000_000]], 512).save(str(tmp_path / "tokenizer.json"))
+    probe = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    result = json.loads(probe.stdout.splitlines()[-1])
+    assert result["equal"] and result["tokens"] > 1_500_000, result
+    # tokenized whole it takes about 700 MB more (about 400 bytes a token), in pieces about 150 MB
+    assert result["growth_mb"] < 250 and result["growth_mb"] < result["whole_mb"] / 3, result
