@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 import warnings
 
 from lit_open.errors import UserError
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
                 "(see lit-open --help)."
             )
     except UserError as err:
-        if debug:
-            raise
+        if debug:  # the traceback, with the exception the error was raised from; the status stays 2
+            traceback.print_exc()
         print(f"lit-open: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir, initialize_config_module
+from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException
@@ -24,7 +24,16 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from lit_open.config import COMMAND_SCHEMAS, TrainConfig, describe_omegaconf_error, schema_keys, to_typed, validate
+from lit_open.config import (
+    COMMAND_SCHEMAS,
+    LAUNCH_KEYS,
+    TrainConfig,
+    describe_omegaconf_error,
+    run_record,
+    schema_keys,
+    to_typed,
+    validate,
+)
 from lit_open.errors import UserError, check_choice
 
 CONFIG_MODULE = "lit_open.conf"
@@ -46,6 +55,7 @@ GROUP_NAMES = {
 # `schedule.name=wsd` on the command line means `schedule=wsd`, so the two can never disagree.
 NAMED_GROUPS = ("optim", "schedule", "strategy")
 LISTABLE = {"recipe": "recipes", "model": "models", "plugins": "plugins"}  # group -> `lit-open list` topic
+SAVED_RUN = "saved_run"  # the recipe name under which `--config RUN/config.yaml` is composed
 _COULD_NOT_OVERRIDE = re.compile(r"Could not override '([^']+)'")
 
 
@@ -93,34 +103,29 @@ def describe_group_entry(group: str, name: str) -> str:
     return ""
 
 
-def _register(plugins: dict[str, dict[str, Any]]) -> None:
+def _register(plugins: dict[str, dict[str, Any]], saved_run: dict[str, Any] | None = None) -> None:
     store = ConfigStore.instance()
     store.store(name=SCHEMA, node=TrainConfig)
     for name, options in plugins.items():
         store.store(group="plugins", name=name, node={name: options})
     for name, schema in COMMAND_SCHEMAS.items():
         store.store(name=name, node=schema)
+    if saved_run is not None:
+        store.store(group="recipe", name=SAVED_RUN, node=saved_run, package="_global_")
 
 
-def _compose(overrides: list[str], config_file: Path | None, name: str, plugins: dict[str, dict[str, Any]]) -> Any:
+def _compose(overrides: list[str], name: str, plugins: dict[str, dict[str, Any]], saved_run: dict | None) -> Any:
     GlobalHydra.instance().clear()
-    _register(plugins)
-    if config_file is None:
-        context = initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3")
-    else:
-        if not config_file.is_file():
-            raise UserError(f"--config {config_file}: no such file. Give the config.yaml of a run directory.")
-        context = initialize_config_dir(config_dir=str(config_file.resolve().parent), version_base="1.3")
-        name = config_file.stem
-    with context:
+    _register(plugins, saved_run)
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return compose(config_name=name, overrides=overrides, return_hydra_config=True)
 
 
 def _compose_or_explain(
-    overrides: list[str], config_file: Path | None, name: str, schema: type, plugins: dict[str, dict[str, Any]]
+    overrides: list[str], name: str, schema: type, plugins: dict[str, dict[str, Any]], saved_run: dict | None = None
 ) -> Any:
     try:
-        cfg = _compose(list(overrides), config_file, name, plugins)
+        cfg = _compose(list(overrides), name, plugins, saved_run)
     except MissingConfigException as err:
         raise UserError(_missing_config_message(err)) from None
     except (HydraException, OmegaConfBaseException) as err:
@@ -134,14 +139,20 @@ def _compose_or_explain(
 
 
 def load_train_config(overrides: list[str], config_file: str | Path | None = None) -> TrainConfig:
-    """Compose the primary config (or a run's saved config.yaml) with overrides, and validate it."""
+    """Compose the primary config with overrides, and validate it.
+
+    config_file: a run's saved config.yaml, which then stands in for the recipe (`saved_run_recipe`): the same
+    overrides work on it as on a recipe.
+    """
     plugins = {name: {"_target_": t, **plugin_defaults(t)} for name, t in plugin_entry_points().items()}
-    overrides = _normalize(list(overrides), plugins, groups=config_file is None)
-    cfg, choices = _compose_or_explain(
-        overrides, Path(config_file) if config_file else None, PRIMARY, TrainConfig, plugins
-    )
+    overrides = _normalize(list(overrides), plugins)
+    saved_run = None
+    if config_file is not None:
+        saved_run = saved_run_recipe(Path(config_file), overrides)
+        overrides = [*overrides, f"recipe={SAVED_RUN}"]
+    cfg, choices = _compose_or_explain(overrides, PRIMARY, TrainConfig, plugins, saved_run)
     with open_dict(cfg):
-        if choices.get("recipe"):
+        if choices.get("recipe") and choices["recipe"] != SAVED_RUN:
             cfg.run.recipe = choices["recipe"]
         for group in NAMED_GROUPS:
             if choices.get(group):
@@ -151,6 +162,34 @@ def load_train_config(overrides: list[str], config_file: str | Path | None = Non
         for name in [n for n, spec in (cfg.get("plugins") or {}).items() if "_target_" not in spec]:
             del cfg.plugins[name]
     return validate(cfg)
+
+
+def saved_run_recipe(config_file: Path, overrides: list[str]) -> dict[str, Any]:
+    """A run's saved config.yaml as a recipe: its group choices (named groups, plugins) in a defaults list, its values
+    on top. A group chosen on the command line (`strategy=fsdp`, `model=NAME`, `plugins=[...]`) replaces the saved
+    block of that group, as a choice replaces a group's preset; the launch options (resume, ...) are not taken."""
+    if not config_file.is_file():
+        raise UserError(f"--config {config_file}: no such file. Give the config.yaml of a run directory.")
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(config_file), resolve=False)
+    except Exception as err:  # any YAML or reading error: the file is not a saved run config
+        raise UserError(f"--config {config_file} cannot be read as YAML ({type(err).__name__}: {err}).") from err
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        raise UserError(f"--config {config_file} is not a lit-open run config (no model block): give RUN/config.yaml.")
+    chosen = {o.split("=", 1)[0] for o in overrides if "=" in o and not o.startswith(("+", "~"))}
+    if "recipe" in chosen:
+        raise UserError(
+            "--config and recipe= both say where the run's settings come from: give one of them (--config "
+            "RUN/config.yaml continues or reruns that run; recipe=NAME starts from a recipe)."
+        )
+    saved_plugins = saved.get("plugins") or {}
+    node = {key: value for key, value in saved.items() if key not in chosen and key not in LAUNCH_KEYS}
+    # the plugins' _target_ comes from the group entries the defaults list selects; a deselected plugin's options
+    # then stay behind without one and are dropped (load_train_config)
+    node["plugins"] = {name: {k: v for k, v in spec.items() if k != "_target_"} for name, spec in saved_plugins.items()}
+    defaults: list[Any] = [{f"override /{g}": saved[g]["name"]} for g in NAMED_GROUPS if isinstance(saved.get(g), dict)]
+    defaults.append({"override /plugins": list(saved_plugins)})
+    return {"defaults": [*defaults, "_self_"], **node}
 
 
 def load_command_config(command: str, overrides: list[str]) -> Any:
@@ -166,7 +205,7 @@ def load_command_config(command: str, overrides: list[str]) -> Any:
                 f"{unknown}lit-open {command}: {override!r} is not an option. Give key=value with one of: "
                 f"{', '.join(options)} (`lit-open --help`)."
             )
-    cfg, _ = _compose_or_explain(list(overrides), None, command, schema, {})
+    cfg, _ = _compose_or_explain(list(overrides), command, schema, {})
     missing = [key for key in options if _is_missing(cfg, key)]
     if missing:
         raise UserError(f"lit-open {command} needs {missing[0]}=... (see `lit-open --help`).")
@@ -194,17 +233,33 @@ def explicit_model_keys(overrides: list[str]) -> frozenset[str]:
     return frozenset(k for k in keys if k == "model" or k.startswith("model."))
 
 
-def _normalize(overrides: list[str], plugins: dict[str, dict[str, Any]], groups: bool) -> list[str]:
+def _normalize(overrides: list[str], plugins: dict[str, dict[str, Any]]) -> list[str]:
     """`GROUP.name=X` -> `GROUP=X` for NAMED_GROUPS, and `+KEY=v` -> `KEY=v` for a key the schema (or the plugin's
     Config) has: every such key exists in the composed config, where the `+` was once needed for keys a preset or a
-    plugin's YAML did not list. groups: whether the config has groups (a saved config.yaml has none: its `name`s are
-    plain keys)."""
+    plugin's YAML did not list. A plugin added twice, and `++` on a group, are refused with what to write."""
     chosen = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o and not o.startswith(("+", "~"))}
+    added = [o.partition("=")[2] for o in overrides if o.startswith("+plugins=")]
+    for name in {n for n in added if added.count(n) > 1}:
+        raise UserError(
+            f"Plugin '{name}' is selected twice (+plugins={name} twice). List each plugin once: plugins=[a,b] "
+            "replaces the recipe's plugins, +plugins=c adds one."
+        )
+    if added and "plugins" in chosen:  # Hydra would apply the list and drop the additions without a word
+        whole = ",".join(dict.fromkeys([*_listed(chosen["plugins"]), *added]))
+        raise UserError(
+            f"plugins={chosen['plugins']} replaces the recipe's plugins and +plugins={added[0]} adds to them: give "
+            f"one list with every plugin once, plugins=[{whole}]."
+        )
     normalized = []
     for override in overrides:
         key, _, value = override.partition("=")
         group = key.removesuffix(".name")
-        if groups and group in NAMED_GROUPS and key == f"{group}.name":
+        if key.startswith("++") and key[2:] in GROUP_NAMES:
+            how = "(plugins=[a,b] replaces the selection), or +plugins=NAME to add one" if key[2:] == "plugins" else ""
+            raise UserError(
+                f"{override!r}: '++' does not apply to a config group. Write {key[2:]}={value} to choose {how}."
+            )
+        if group in NAMED_GROUPS and key == f"{group}.name":
             check_choice(key, value, tuple(group_options(group)))
             if group in chosen and chosen[group] != value:
                 raise UserError(
@@ -216,6 +271,11 @@ def _normalize(overrides: list[str], plugins: dict[str, dict[str, Any]], groups:
             override = override[1:]
         normalized.append(override)
     return normalized
+
+
+def _listed(value: str | None) -> list[str]:
+    """The names of a `[a,b]` (or single-name) group value on the command line."""
+    return [v.strip() for v in (value or "").strip("[]").split(",") if v.strip()]
 
 
 def _declared(key: str, plugins: dict[str, dict[str, Any]]) -> bool:
@@ -298,4 +358,5 @@ def _keys_under(schema: type, dotted: str) -> list[str]:
 
 
 def to_yaml(cfg: TrainConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The run's config.yaml: `run_record(cfg)`, the config less the launch options."""
+    return OmegaConf.to_yaml(OmegaConf.create(run_record(cfg)))

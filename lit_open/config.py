@@ -7,7 +7,7 @@ names the key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, get_args, get_origin, get_type_hints
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -100,7 +100,9 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1  # final LR as a fraction of optim.lr (cosine, linear, wsd)
     decay_fraction: float = 0.1  # wsd: share of the steps spent decaying (when decay_steps is not set)
     decay_steps: int | None = None  # wsd: length of the final decay
-    total_steps: int | None = None  # None: trainer.max_steps
+    # The schedule's length, fixed when the run starts (None there: trainer.max_steps); a resumed run keeps its
+    # checkpoint's, so a larger trainer.max_steps continues at the schedule's final LR. Set it to re-plan.
+    total_steps: int | None = None
 
 
 @dataclass
@@ -153,10 +155,25 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     plugins: dict[str, Any] = field(default_factory=dict)
-    resume: str = "auto"  # auto: newest checkpoint in run.dir, if any | none | a checkpoint path
     # initial weights of a new run: hf:ORG/NAME@REVISION | hf:/local/dir | a lit-open checkpoint (see
     # lit_open.checkpoint.source); its config defines model.*
     init_from: str | None = None
+    # Launch options (LAUNCH_KEYS): how this launch starts, not what the run is; never saved with the run.
+    resume: str = "auto"  # auto: newest checkpoint in run.dir, if any | none: from scratch | a checkpoint path
+    # a fresh start in a run.dir holding checkpoints moves the earlier run's files to run.dir/superseded/TIME/
+    # instead of being refused
+    move_aside: bool = False
+
+
+LAUNCH_KEYS = ("resume", "move_aside")
+
+
+def run_record(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's config as saved in config.yaml and in checkpoints: everything but the launch options."""
+    record = asdict(cfg)
+    for key in LAUNCH_KEYS:
+        del record[key]
+    return record
 
 
 @dataclass
@@ -180,7 +197,8 @@ class ConvertConfig:
     source: str = MISSING  # a run checkpoint, or hf:ORG/NAME@REVISION | hf:/dir
     out: str = MISSING  # the directory (to Hugging Face) or .ckpt file (to lit-open) to write
     dtype: str | None = None  # float32 | bfloat16 | float16 (None: as stored)
-    tokenizer: str | None = None  # the tokenizer to copy along (default: the run's)
+    tokenizer: str | None = None  # the tokenizer.json to ship (default: the run's data's; must be the data's)
+    overwrite: bool = False  # replace an existing out (only once the new one is complete)
 
 
 @dataclass

@@ -55,6 +55,9 @@ class RunState:
     data_parallel_rank: int = 0  # this process's rank among the data-parallel replicas (known once fit starts)
     consumed_batches: int = 0  # the data position: global batches consumed (trained, skipped or jumped over)
     skipped_updates: int = 0  # updates skipped by a plugin's skip_step
+    # the plugins (names, config order) whose skip_step asked on this process to skip the latest skipped update;
+    # empty when only another rank's asked
+    skipped_by: tuple[str, ...] = ()
     rollbacks: int = 0
     train_seconds: float = 0.0  # time spent in training steps this session (validation excluded)
     # train/loss, val/loss and eval/* values by optimizer step, for the summary and plugins

@@ -75,10 +75,18 @@ class LMEval(Plugin):
         super().__init__(**options)
         self.lm: Any = None  # the lm-eval adapter over the module's model
         self._tokenizer: tuple[Any, int] | None = None  # the run's tokenizer and its end-of-document id
+        self._specs: list[Any] | None = None  # the tasks, resolved at setup
         self.task_dict: dict[str, Any] | None = None
         self._last_step = -1  # the step evaluated last
         self._cache: tempfile.TemporaryDirectory | None = None  # HF_DATASETS_CACHE unless the user set one
         self._cache_before: Any = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """The tasks are resolved (paths, names) before the first validation, so a missing one fails at once."""
+        if self._specs is None:
+            tokenizer = run_tokenizer(asdict(self.run.config), "plugins.lm_eval")
+            self._tokenizer = (tokenizer.tokenizer, tokenizer.eos_id)
+            self._specs = harness().resolve_tasks(self.cfg.tasks, "plugins.lm_eval.tasks", data_dir=tokenizer.directory)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if "HF_DATASETS_CACHE" not in os.environ:
@@ -95,10 +103,8 @@ class LMEval(Plugin):
 
     def _prepare(self, trainer, pl_module) -> None:
         """Load the tasks and build the adapter; a bad task, path or tokenizer fails here, before training."""
-        tokenizer = run_tokenizer(asdict(self.run.config), "plugins.lm_eval")
-        self._tokenizer = (tokenizer.tokenizer, tokenizer.eos_id)
-        specs = harness().resolve_tasks(self.cfg.tasks, "plugins.lm_eval.tasks", data_dir=tokenizer.directory)
-        self.task_dict = harness().load_tasks(specs, self.cfg.num_fewshot)
+        self.setup(trainer, pl_module, "fit")
+        self.task_dict = harness().load_tasks(self._specs, self.cfg.num_fewshot)
         self.lm = self._adapter(pl_module)
         for name, task in self.task_dict["tasks"].items():
             docs = len(task.eval_docs)

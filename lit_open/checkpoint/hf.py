@@ -58,6 +58,7 @@ HF family describes (e.g. a Llama with QK-norm).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,7 +81,7 @@ from lit_open.checkpoint.hub import (
     TOKENIZER_FILES,
     resolve_source,
 )
-from lit_open.data.tokenizer import special_token_ids
+from lit_open.data.tokenizer import TOKENIZER_FILE, export_tokenizer_configs
 from lit_open.dtypes import torch_dtype
 from lit_open.errors import UserError, first_line
 from lit_open.model.config import ModelConfig
@@ -174,12 +175,13 @@ def load_hf(
 # writing
 
 
-def _tokenizer_source(tokenizer_dir: str | Path | None) -> Path | None:
+def _tokenizer_source(tokenizer_dir: str | Path | None) -> tuple[Path, Path | None] | None:
+    """(the directory whose tokenizer files to copy, the tokenizer.json to ship or None); None: no tokenizer."""
     if tokenizer_dir is None:
         return None
     path = Path(tokenizer_dir).expanduser()
-    if path.is_file():
-        path = path.parent
+    if path.is_file():  # a tokenizer.json (under any name): it is shipped as tokenizer.json
+        return path.parent, path
     if not path.is_dir():
         raise UserError(
             f"tokenizer_dir={str(tokenizer_dir)!r} does not exist; give the directory that holds tokenizer.json "
@@ -190,7 +192,20 @@ def _tokenizer_source(tokenizer_dir: str | Path | None) -> Path | None:
             f"tokenizer_dir={str(path)!r} holds none of the tokenizer files ({', '.join(TOKENIZER_FILES)}); give "
             "the directory of the run's tokenizer.json."
         )
-    return path
+    return path, path / TOKENIZER_FILE if (path / TOKENIZER_FILE).is_file() else None
+
+
+def _file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the umask (safetensors creates its files 0600)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)  # elsewhere: read it by setting it (briefly) and back
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _shards(hf_state: dict[str, torch.Tensor], itemsize: dict[str, int], max_bytes: int) -> list[list[str]]:
@@ -229,6 +244,7 @@ def _write_weights(
             weight_map[name] = filename
             total += tensor.numel() * tensor.element_size()
         save_file(tensors, str(directory / filename), metadata={"format": "pt"})
+        os.chmod(directory / filename, _file_mode())
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -243,15 +259,20 @@ def save_hf(
     dtype: torch.dtype | None = None,
     *,
     max_shard_size: int = MAX_SHARD_SIZE,
+    eos_token: str | None = None,
 ) -> Path:
     """Write a Hugging Face directory that `transformers.AutoModelForCausalLM.from_pretrained` loads; returns it.
 
     model_or_state: a Transformer (its config is used unless `config` is given) or a state dict with `config`.
     Writes config.json, model.safetensors (or shards of at most `max_shard_size` bytes with
-    model.safetensors.index.json), the tokenizer files found in `tokenizer_dir` with generation_config.json (copied,
-    or made from the tokenizer's bos/eos/pad tokens), and `metadata` as lit_open.json. dtype None keeps the weights'
-    dtype; otherwise floating-point tensors are cast. The directory is written under a temporary name beside
-    `out_dir` and renamed into place when complete; an existing `out_dir` is replaced only then.
+    model.safetensors.index.json), the tokenizer files found in `tokenizer_dir` (a directory, or a tokenizer.json
+    shipped as tokenizer.json) with generation_config.json (copied, or made from the tokenizer's bos/eos/pad tokens),
+    and `metadata` as lit_open.json. The tokenizer ships with a tokenizer_config.json that transformers'
+    AutoTokenizer and lm-eval read as is (`export_tokenizer_configs`): its eos_token is `eos_token`, else the one
+    the manifest of data prepared beside the tokenizer records, else the tokenizer's own. dtype None keeps the
+    weights' dtype; otherwise floating-point tensors are cast. The directory is written under a temporary name
+    beside `out_dir` and renamed into place when complete; an existing `out_dir` is replaced only then. Its files
+    get the mode of any new file (0644 under the usual umask 022).
     """
     if isinstance(model_or_state, nn.Module):
         config = config or getattr(model_or_state, "config", None)
@@ -271,16 +292,24 @@ def save_hf(
     written_dtype = dtype or hf_state[f"{GLOBAL_MODULES[config.family]['tok_embeddings']}.weight"].dtype
     hf_cfg = hf_config(config)
     hf_cfg["torch_dtype"] = str(written_dtype).removeprefix("torch.")
-    token_ids = special_token_ids(tokenizer) if tokenizer else {}
+    tokenizer_configs, token_ids = {}, {}
+    if tokenizer is not None and tokenizer[1] is not None:
+        tokenizer_configs, token_ids = export_tokenizer_configs(tokenizer[1], config.max_seq_len, eos_token)
     hf_cfg.update(token_ids)
 
     with atomic_directory(out) as tmp:
         _write_weights(tmp, hf_state, dtype, max_shard_size)
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
-            for name in (*TOKENIZER_FILES, GENERATION_CONFIG_FILE):
-                if (tokenizer / name).is_file():
-                    shutil.copyfile(tokenizer / name, tmp / name)
+            directory, tokenizer_json = tokenizer
+            siblings = tokenizer_json is None or tokenizer_json.name == TOKENIZER_FILE
+            for name in (*TOKENIZER_FILES, GENERATION_CONFIG_FILE) if siblings else ():
+                if (directory / name).is_file():
+                    shutil.copyfile(directory / name, tmp / name)
+            if tokenizer_json is not None:
+                shutil.copyfile(tokenizer_json, tmp / TOKENIZER_FILE)
+            for name, content in tokenizer_configs.items():
+                (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
         if not (tmp / GENERATION_CONFIG_FILE).exists() and token_ids:
             (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(token_ids, indent=2, sort_keys=True) + "\n")
         if metadata is not None:

@@ -93,22 +93,17 @@ class CheckpointWriter(Callback):
             _fsync_tree(tmp)
             _remove(final)  # a resumed run that re-reaches a step replaces that step's checkpoint
             os.replace(tmp, final)
-            self._point_to(final)
+            point_latest(self.directory, final)
             for logger in trainer.loggers:  # so the logged history is on disk up to every checkpoint
                 logger.save()
             pl_module.run.events.write(step, "checkpoint", path=str(final))
-            self._prune()
+            self._prune(step)
         trainer.strategy.barrier("lit_open_checkpoint_done")
         self._last_saved = step
         for callback in trainer.callbacks:
             if callable(getattr(callback, "on_checkpoint_saved", None)):
                 callback.on_checkpoint_saved(trainer, pl_module, step, final)
         return final
-
-    def _point_to(self, checkpoint: Path) -> None:
-        pointer_tmp = self.directory / f".tmp-{POINTER}"
-        pointer_tmp.write_text(checkpoint.name + "\n")
-        os.replace(pointer_tmp, self.directory / POINTER)
 
     def on_rollback(self, trainer: Trainer, pl_module: LightningModule, rolled_back: Any) -> None:
         """Move checkpoints newer than the restored step to `rolled-back/`: `resume=auto` must not pick them."""
@@ -122,7 +117,7 @@ class CheckpointWriter(Callback):
                     os.replace(path, aside / path.name)
                 kept = list_checkpoints(self.directory)
                 if kept:
-                    self._point_to(kept[-1])
+                    point_latest(self.directory, kept[-1])
                 else:
                     (self.directory / POINTER).unlink(missing_ok=True)
                 pl_module.run.events.write(
@@ -134,12 +129,24 @@ class CheckpointWriter(Callback):
         else:
             self._last_saved = min(self._last_saved, rolled_back.to_step - 1)
 
-    def _prune(self) -> None:
+    def _prune(self, step: int) -> None:
+        """Delete all but the newest keep_last checkpoints up to `step` (and those at multiples of keep_every).
+
+        Only checkpoints of this run's lineage are in the directory (lit_open.train.rundir); none after `step`
+        is ever deleted, and the one just written, which `latest` names, is always kept."""
         if self.keep_last <= 0:
             return
-        for old in list_checkpoints(self.directory)[: -self.keep_last]:
+        lineage = [p for p in list_checkpoints(self.directory) if checkpoint_step(p) <= step]
+        for old in lineage[: -self.keep_last]:
             if not (self.keep_every and checkpoint_step(old) % self.keep_every == 0):
                 _remove(old)
+
+
+def point_latest(directory: Path, checkpoint: Path) -> None:
+    """Make `latest` name `checkpoint` (atomically: a reader sees the old name or the new one)."""
+    pointer_tmp = directory / f".tmp-{POINTER}"
+    pointer_tmp.write_text(checkpoint.name + "\n")
+    os.replace(pointer_tmp, directory / POINTER)
 
 
 def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
@@ -191,7 +198,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             f" Older checkpoints in the same directory: {', '.join(p.name for p in others)}; resume from one with "
             f"resume={others[-1]}"
             if others
-            else " Start afresh with resume=none (or another run.dir)"
+            else " Start afresh with resume=none move_aside=true (the unreadable checkpoint is kept in superseded/),"
+            " or in another run.dir"
         )
-        raise UserError(f"Cannot read checkpoint {path}: {type(err).__name__}: {err}.{hint}.") from None
+        raise UserError(f"Cannot read checkpoint {path}: {type(err).__name__}: {err}.{hint}.") from err
     return checkpoint

@@ -19,12 +19,27 @@ from typing import Any
 import torch
 
 from lit_open.checkpoint.hf import save_hf
-from lit_open.checkpoint.resumable import CHECKPOINT_KEY, read_checkpoint
+from lit_open.checkpoint.hub import CONFIG_FILE, HF_PREFIX
+from lit_open.checkpoint.resumable import (
+    CHECKPOINT_KEY,
+    POINTER,
+    SHARDED_METADATA,
+    list_checkpoints,
+    read_checkpoint,
+)
 from lit_open.checkpoint.source import InitSource, open_source, read_weights
 from lit_open.compose import load_command_config
 from lit_open.config import ConvertConfig
-from lit_open.data.tokenizer import run_tokenizer_dir
+from lit_open.data.manifest import read_manifest
+from lit_open.data.tokenizer import (
+    check_tokenizer_matches,
+    data_tokenizer_file,
+    prepared_sources,
+    prepared_tokenizer,
+    tokenizer_file,
+)
 from lit_open.dtypes import torch_dtype
+from lit_open.errors import UserError
 
 
 def convert_command(args: list[str]) -> Path:
@@ -32,31 +47,101 @@ def convert_command(args: list[str]) -> Path:
 
 
 def convert(cfg: ConvertConfig) -> Path:
+    out = Path(cfg.out).expanduser()
+    refuse_existing_out(out, cfg.overwrite)
+    check_checkpoint_spec(cfg.source, "source")
     source = open_source(cfg.source)
     dtype = torch_dtype(cfg.dtype)
-    out = Path(cfg.out).expanduser()
     if source.kind == "lit_open":
         return to_hugging_face(source, out, dtype, cfg.tokenizer)
     return to_lit_open(source, out, dtype)
 
 
+def refuse_existing_out(out: Path, overwrite: bool) -> None:
+    """convert never replaces earlier work unasked: an existing file or non-empty directory needs overwrite=true."""
+    if overwrite or not (out.exists() or out.is_symlink()) or (out.is_dir() and not any(out.iterdir())):
+        return
+    raise UserError(
+        f"out={out} already exists{'' if out.is_file() else ' and is not empty'}. Pass overwrite=true to replace it "
+        "(the new export replaces it only once complete), or choose another out=."
+    )
+
+
+def check_checkpoint_spec(spec: str, key: str) -> None:
+    """Refuse a path that does not exist, and a directory that is neither a checkpoint nor a Hugging Face directory,
+    such as <run.dir>/checkpoints or the run directory itself, naming the checkpoints in it (newest first) and the
+    one to give."""
+    path = Path(spec).expanduser()
+    if spec.startswith(HF_PREFIX):
+        return
+    if not path.exists():
+        raise UserError(
+            f"{key}={spec!r}: no such file or directory. Give a run checkpoint, {key}=<run.dir>/checkpoints/"
+            "step-NNNNNNNN.ckpt, or a Hugging Face checkpoint (hf:/path/to/dir, hf:ORG/NAME@REVISION)."
+        )
+    if not path.is_dir():
+        return
+    if any((path / name).exists() for name in (CONFIG_FILE, SHARDED_METADATA, ".metadata")) or any(
+        path.glob("*.distcp")
+    ):
+        return  # a Hugging Face directory or a sharded checkpoint (complete or not: read_checkpoint says)
+    directory = path
+    if not list_checkpoints(path) and list_checkpoints(path / "checkpoints"):
+        directory = path / "checkpoints"  # the run directory
+    found = list_checkpoints(directory)[::-1]
+    if not found:
+        raise UserError(
+            f"{key}={spec!r} is a directory, but neither a checkpoint nor a directory of checkpoints (it holds no "
+            f"step-NNNNNNNN.ckpt). Give a checkpoint, {key}=<run.dir>/checkpoints/step-NNNNNNNN.ckpt, or a "
+            f"Hugging Face directory (with {CONFIG_FILE})."
+        )
+    pointer = directory / POINTER
+    named = directory / pointer.read_text().strip() if pointer.is_file() else None
+    which = "the newest, which `latest` names" if named == found[0] else "the newest"
+    raise UserError(
+        f"{key}={spec!r} is a directory of checkpoints, not a checkpoint: give one of them, e.g. {key}={found[0]} "
+        f"({which}). It holds, newest first: {', '.join(p.name for p in found)}."
+    )
+
+
 def to_hugging_face(source: InitSource, out: Path, dtype: torch.dtype | None, tokenizer: str | None) -> Path:
+    """The HF directory of a run checkpoint, with the tokenizer its training data was prepared with (the one their
+    manifests record): `tokenizer` if given, else the run's; one that is not the data's is refused."""
     saved = read_checkpoint(source.path)
     config = saved[CHECKPOINT_KEY]["config"]
+    data = prepared_sources(config)
+    data_tokenizer = next((t for t in map(prepared_tokenizer, data) if t is not None), None)
+    fix = (
+        "The model was trained on that data: convert it with the data's tokenizer, "
+        f"tokenizer={data_tokenizer or 'PATH (the tokenizer.json the data was prepared with)'}."
+    )
+    if tokenizer:
+        tokenizer_path = tokenizer_file(tokenizer)
+        check_tokenizer_matches(tokenizer_path, data, "tokenizer", fix)
+    else:
+        tokenizer_path = data_tokenizer_file(config, fix)
+    eos_token = read_manifest(data[0])["tokenizer"]["eos_token"] if data else None
     state, _ = read_weights(source)
-    tokenizer_dir = Path(tokenizer).expanduser() if tokenizer else run_tokenizer_dir(config)
-    if tokenizer_dir is not None and tokenizer_dir.is_file():
-        tokenizer_dir = tokenizer_dir.parent
     metadata = {"format": "lit-open-convert/1", "source": str(source.path), "step": saved["global_step"]}
     metadata["config"] = config
-    save_hf(state, out, config=source.model, tokenizer_dir=tokenizer_dir, metadata=metadata, dtype=dtype)
-    note = "" if tokenizer_dir else " (no tokenizer found: give tokenizer=DIR to copy one along)"
+    save_hf(
+        state,
+        out,
+        config=source.model,
+        tokenizer_dir=tokenizer_path,
+        metadata=metadata,
+        dtype=dtype,
+        eos_token=eos_token,
+    )
+    note = "" if tokenizer_path else " (no tokenizer found: give tokenizer=PATH to ship the data's along)"
     print(f"wrote {out}: the Hugging Face checkpoint of {source.path} (step {saved['global_step']}){note}")
     return out
 
 
 def to_lit_open(source: InitSource, out: Path, dtype: torch.dtype | None) -> Path:
-
+    """A lit-open weights file of a Hugging Face checkpoint, written under a temporary name and renamed."""
+    if out.is_dir():
+        raise UserError(f"out={out} is a directory; give the path of the weights file to write, e.g. out=weights.ckpt.")
     state, _ = read_weights(source)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -69,8 +154,12 @@ def to_lit_open(source: InitSource, out: Path, dtype: torch.dtype | None) -> Pat
         },
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     print(f"wrote {out}: lit-open weights of {source.spec} ({json.dumps(source.provenance)}); use init_from={out}")
     return out

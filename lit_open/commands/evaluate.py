@@ -24,10 +24,17 @@ from lit_open.checkpoint.hf import METADATA_FILE, load_hf
 from lit_open.checkpoint.hub import CONFIG_FILE
 from lit_open.checkpoint.resumable import CHECKPOINT_KEY, read_checkpoint
 from lit_open.checkpoint.source import open_source, read_weights
+from lit_open.commands.convert import check_checkpoint_spec
 from lit_open.compose import load_command_config, load_train_config
 from lit_open.config import EvalConfig
 from lit_open.data.datamodule import DataModule
-from lit_open.data.tokenizer import run_tokenizer_dir, tokenizer_and_eos
+from lit_open.data.tokenizer import (
+    check_tokenizer_matches,
+    data_tokenizer_file,
+    prepared_sources,
+    tokenizer_and_eos,
+    tokenizer_file,
+)
 from lit_open.errors import UserError
 from lit_open.model import Transformer
 from lit_open.plugin import build_plugins
@@ -49,6 +56,7 @@ def eval_command(args: list[str]) -> dict[str, Any]:
             "Hugging Face directory)."
         )
     cfg = load_command_config("eval", options)
+    check_checkpoint_spec(cfg.checkpoint, "checkpoint")
     if cfg.tasks is None:
         return evaluate(cfg.checkpoint, run_overrides)
     if run_overrides:
@@ -82,6 +90,16 @@ def evaluate(checkpoint: str | Path, overrides: list[str]) -> dict[str, Any]:
             "data.val_sources=[{path:/data/mine/val}] (written by `lit-open prepare` with val_fraction>0)."
         )
     ensure_data(cfg, rank_zero=True, need_train=False)
+    tokenizer = data_tokenizer_file(dataclasses.asdict(cfg))
+    if tokenizer is not None:  # the model's: a held-out loss on data tokenized otherwise would mean nothing
+        check_tokenizer_matches(
+            tokenizer,
+            [s.path for s in cfg.data.val_sources],
+            "data.tokenizer",
+            "The model was trained on tokens of this tokenizer: give data.val_sources held-out data prepared with "
+            f"it, e.g. `lit-open prepare inputs=[...] output=DIR tokenizer={tokenizer} val_fraction=0.1` and "
+            "data.val_sources=[{path:DIR/val}].",
+        )
     module = LitLM(cfg, build_plugins(cfg.plugins))
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
@@ -129,18 +147,16 @@ def evaluate_tasks(cfg: EvalConfig) -> dict[str, Any]:
     given_now = [t for t in cfg.tasks if not str(t).startswith(PREPARED)]
     if given_now:
         resolve_tasks(given_now, "tasks")  # a mistake in them shows before the model loads
-    model, step, tokenizer_dir = _load_model(cfg.checkpoint)
+    model, step, tokenizer_path = _load_model(cfg.checkpoint, cfg.tokenizer)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    tokenizer_path = cfg.tokenizer or tokenizer_dir
     if tokenizer_path is None:
         raise UserError(
             f"No tokenizer found for checkpoint={cfg.checkpoint}: give tokenizer=PATH (the tokenizer.json the model "
             "was trained with)."
         )
     tokenizer, eos_id = tokenizer_and_eos(tokenizer_path)
-    data_dir = Path(tokenizer_path) if Path(tokenizer_path).is_dir() else Path(tokenizer_path).parent
-    task_dict = load_tasks(resolve_tasks(cfg.tasks, "tasks", data_dir), cfg.num_fewshot)
+    task_dict = load_tasks(resolve_tasks(cfg.tasks, "tasks", tokenizer_path.parent), cfg.num_fewshot)
     lm = LitOpenLM(model, tokenizer, eos_id, batch_size=cfg.batch_size, max_gen_tokens=cfg.max_gen_tokens)
     outcome = run_tasks(lm, task_dict, cfg.limit)
     result = {"checkpoint": cfg.checkpoint, "step": step, "metrics": outcome.metrics, "seconds": outcome.seconds}
@@ -154,18 +170,24 @@ def evaluate_tasks(cfg: EvalConfig) -> dict[str, Any]:
     return result
 
 
-def _load_model(checkpoint: str) -> tuple[Any, int | None, Path | None]:
+def _load_model(checkpoint: str, tokenizer: str | None) -> tuple[Any, int | None, Path | None]:
     """The Transformer of a run checkpoint or a Hugging Face directory (on the CPU, in eval mode), its step (None
-    when unknown) and the directory of its tokenizer (None when not found)."""
+    when unknown) and its tokenizer.json (None when not found): `tokenizer` if given, else the HF directory's or the
+    one the run's training data was prepared with; for a run checkpoint it must be the data's (its manifests)."""
     source = open_source(checkpoint)
     if source.kind == "hf":
         metadata = source.path / METADATA_FILE
         step = json.loads(metadata.read_text()).get("step") if metadata.is_file() else None
-        tokenizer = source.tokenizer.parent if source.tokenizer is not None else None
-        return load_hf(source.path), step, tokenizer
+        return load_hf(source.path), step, tokenizer_file(tokenizer) if tokenizer else source.tokenizer
     saved = read_checkpoint(source.path)
     step, run_config = saved["global_step"], saved[CHECKPOINT_KEY].get("config", {})
     del saved
+    fix = "The model was trained on that data: give tokenizer= the tokenizer.json it was prepared with."
+    if tokenizer:
+        tokenizer_path = tokenizer_file(tokenizer)
+        check_tokenizer_matches(tokenizer_path, prepared_sources(run_config), "tokenizer", fix)
+    else:
+        tokenizer_path = data_tokenizer_file(run_config, fix)
     state, _ = read_weights(source)
     with torch.device("meta"):
         model = Transformer(source.model)
@@ -176,5 +198,5 @@ def _load_model(checkpoint: str) -> tuple[Any, int | None, Path | None]:
             f"checkpoint={checkpoint}: its weights do not fit the architecture in its config ({str(err)[:300]}); "
             "a plugin may have changed the architecture (qk_norm, ...): export it with the release plugin and "
             "evaluate the Hugging Face directory."
-        ) from None
-    return model, step, run_tokenizer_dir(run_config)
+        ) from err
+    return model, step, tokenizer_path

@@ -30,7 +30,7 @@ def read_manifest(split_dir: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise UserError(f"Could not read {path}: {err}. Re-run `lit-open prepare` to rebuild it.") from None
+        raise UserError(f"Could not read {path}: {err}. Re-run `lit-open prepare` to rebuild it.") from err
     if not isinstance(manifest, dict):
         manifest = {}
     missing = [k for k in ("format", "split", "documents", "tokens", "dtype", "tokenizer") if k not in manifest]

@@ -6,10 +6,12 @@ global batch on which sources are mixed with which weights) and one JSON-lines f
 (`data_step`: the global batch; `step`: the optimizer step it fed; `index`: the sample of seq_len + 1 tokens
 within its source, i.e. tokens [index * (seq_len + 1), (index + 1) * (seq_len + 1)) of that source's stream).
 On resume, entries from the resumed position on are rewritten, so the log always describes the run as it went.
-After a rollback the entries of the global batches whose updates were undone get `"undone": "rollback"`, and the
-global batches jumped over are logged with `"step": null, "skipped": "rollback"`. The samples that shaped the final
-model are those of the entries with neither mark, less the global batches whose update a plugin skipped (skip_step,
-nan_guard): those carry the step of the update before them, and their `skip` events in events.jsonl name them.
+A global batch whose update a plugin skipped (skip_step, nan_guard: trained on, never applied) gets
+`"update_skipped": "<plugins>"`, the names of the plugins that asked, comma-separated (`"unknown"` when only another
+rank's asked), and carries the step of the update before it; its `skip` or `non_finite` event tells why. After a
+rollback the entries of the global batches whose updates were undone get `"undone": "rollback"`, and the global
+batches jumped over are logged with `"step": null, "skipped": "rollback"`. The samples that shaped the final model
+are exactly those of the entries with none of these marks.
 """
 
 from __future__ import annotations
@@ -43,9 +45,11 @@ class DataSequenceLog(Callback):
         self._written = 0
         self._undone: tuple[int, int] = (0, 0)  # data steps [first, end) whose updates the latest rollback undid
         self._skipped: tuple[int, int] = (0, 0)  # data steps [first, end) jumped over by the latest rollback
+        self._skips = 0  # run.skipped_updates when the latest batch was logged
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._written = pl_module.run.consumed_batches
+        self._skips = pl_module.run.skipped_updates
         if not trainer.is_global_zero:
             return
         datamodule = trainer.datamodule
@@ -86,17 +90,23 @@ class DataSequenceLog(Callback):
             current.write_text("".join(line + "\n" for line in kept))
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        run = pl_module.run
+        # a skip counted since the last batch: the update of the batch consumed last was skipped
+        skipped_update = run.consumed_batches - 1 if run.skipped_updates > self._skips else None
+        self._skips = run.skipped_updates
         if not trainer.is_global_zero:
-            self._written = pl_module.run.consumed_batches
+            self._written = run.consumed_batches
             return
         order = trainer.datamodule.order
-        while self._written < pl_module.run.consumed_batches:
+        while self._written < run.consumed_batches:
             data_step = self._written
             record = {
                 "data_step": data_step,
                 "step": trainer.global_step,
                 "samples": order.global_batch(data_step).tolist(),
             }
+            if data_step == skipped_update:
+                record["update_skipped"] = ",".join(run.skipped_by) or "unknown"
             if self._undone[0] <= data_step < self._undone[1]:  # the batch whose update was replaced by the rollback
                 record["undone"] = "rollback"
             if self._skipped[0] <= data_step < self._skipped[1]:

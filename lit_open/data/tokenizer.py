@@ -1,8 +1,13 @@
 """Tokenizers: load a `tokenizers` tokenizer.json, train a byte-level BPE, tell its end-of-document token, and find
-the tokenizer (and EOS) a run's data was prepared with. Used by prepare, export, the lm-eval adapter and samples."""
+the tokenizer (and EOS) a run's data was prepared with. Used by prepare, export, the lm-eval adapter and samples.
+
+A tokenizer's identity is the SHA-256 of its tokenizer.json, which every prepared split's manifest records
+(`manifest["tokenizer"]["sha256"]`): `check_tokenizer_matches` refuses a tokenizer that is not the one some data
+was prepared with, and `data_tokenizer_file` finds the run's tokenizer that is (what exports ship)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -13,8 +18,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lit_open.checkpoint.hub import HF_PREFIX, resolve_source
-from lit_open.data.manifest import MANIFEST
-from lit_open.errors import UserError
+from lit_open.data.manifest import MANIFEST, read_manifest
+from lit_open.errors import UserError, first_line
 
 DEFAULT_EOS = "<|endoftext|>"
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
@@ -56,10 +61,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return Tokenizer.from_file(str(file))
     except Exception as err:  # tokenizers raises a bare Exception for bad files
         raise UserError(
-            f"Could not load the tokenizer {file}: {str(err).splitlines()[0] if str(err) else type(err).__name__}. "
+            f"Could not load the tokenizer {file}: {first_line(err) or type(err).__name__}. "
             f"tokenizer= must be a Hugging Face `tokenizers` {TOKENIZER_FILE} (as written by "
             "Tokenizer.save or save_pretrained), or a directory holding one."
-        ) from None
+        ) from err
 
 
 def resolve_eos(tokenizer: Tokenizer, path: str | Path, eos_token: str | None = None) -> tuple[str, int]:
@@ -81,7 +86,7 @@ def resolve_eos(tokenizer: Tokenizer, path: str | Path, eos_token: str | None = 
         except (OSError, ValueError, AttributeError) as err:
             raise UserError(
                 f"Could not read {config_path}: {err}. Fix it, or pass eos_token= to name the end-of-document token."
-            ) from None
+            ) from err
         if isinstance(value, dict):
             value = value.get("content")
         if isinstance(value, str) and value:
@@ -133,44 +138,145 @@ def tokenizer_and_eos(path: str | Path) -> tuple[Tokenizer, int]:
     return tokenizer, resolve_eos(tokenizer, path)[1]
 
 
-def special_token_ids(tokenizer_dir: Path) -> dict[str, int]:
-    """bos/eos/pad token ids for an export's config.json, from the tokenizer in `tokenizer_dir` and the token names in
-    its tokenizer_config.json (eos: else the usual end-of-document token); {} when there is no usable tokenizer.json."""
-    file = Path(tokenizer_dir) / TOKENIZER_FILE
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file: a tokenizer's identity, as the manifests of prepared data record it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepared_tokenizer(source_dir: str | Path) -> Path | None:
+    """The tokenizer.json that `lit-open prepare` wrote beside a prepared split (`<output>/tokenizer.json` for
+    `<output>/train`), if it is still the one the split's manifest records; else None."""
+    source_dir = Path(source_dir).expanduser()
+    beside = source_dir.parent / TOKENIZER_FILE
+    if not beside.is_file() or not (source_dir / MANIFEST).is_file():
+        return None
+    return beside if file_sha256(beside) == read_manifest(source_dir)["tokenizer"]["sha256"] else None
+
+
+def check_tokenizer_matches(
+    tokenizer: str | Path, source_dirs: Iterable[str | Path], key: str, fix: str | None = None
+) -> None:
+    """Refuse `tokenizer` (a tokenizer.json, or a directory holding one) unless every prepared split in
+    `source_dirs` was tokenized with it: its SHA-256 must be the one each split's manifest records.
+
+    The UserError names the tokenizer file and its hash, the manifest and its hash, the data's own tokenizer when it
+    is beside the data, and what to do. `key` is the config key the tokenizer came from (e.g. data.tokenizer);
+    `fix`, when given, replaces the default advice (set `key` to the data's tokenizer, or prepare the data again
+    with this one).
+    """
+    file = tokenizer_file(tokenizer)
+    sha = None
+    for source in source_dirs:
+        source = Path(source).expanduser()
+        expected = read_manifest(source)["tokenizer"]["sha256"]
+        sha = sha or file_sha256(file)
+        if sha == expected:
+            continue
+        data_tokenizer = prepared_tokenizer(source)
+        found = f"; the data's tokenizer is {data_tokenizer}" if data_tokenizer else ""
+        if fix is None:
+            fix = (
+                f"Set {key}={data_tokenizer or 'PATH (the tokenizer.json the data was prepared with)'}, or prepare "
+                f"the data again with this tokenizer (`lit-open prepare inputs=[...] output=DIR tokenizer={file}`)."
+            )
+        raise UserError(
+            f"The tokenizer {file} (given by {key}; SHA-256 {sha}) is not the one the data {source} was prepared with: "
+            f"{source / MANIFEST} records SHA-256 {expected}{found}. A token id stands for other text under "
+            f"another tokenizer, so a loss, a benchmark score or an export made with it would be meaningless. {fix}"
+        )
+
+
+def prepared_sources(config: dict[str, Any]) -> list[Path]:
+    """The training sources (data.sources) of a run's config (as a dict) whose prepared data is here (a manifest)."""
+    sources = [Path(s["path"]).expanduser() for s in config.get("data", {}).get("sources", [])]
+    return [source for source in sources if (source / MANIFEST).is_file()]
+
+
+def data_tokenizer_file(config: dict[str, Any], fix: str | None = None) -> Path | None:
+    """The tokenizer.json a run's training data was prepared with, from the run's config (as a dict):
+    data.tokenizer when set and present, else the one beside a source of data.sources; None when there is none.
+
+    It is checked against the manifests of the training sources that are present (`check_tokenizer_matches`,
+    key data.tokenizer, advice `fix`): a configured tokenizer that is not the data's is a UserError, never shipped
+    or used in its place. Without the data (another machine) it cannot be checked and is returned as found.
+    """
+    data = config.get("data", {})
+    candidates = [Path(data["tokenizer"]).expanduser()] if data.get("tokenizer") else []
+    candidates += [Path(s["path"]).expanduser().parent / TOKENIZER_FILE for s in data.get("sources", [])]
+    for candidate in candidates:
+        file = candidate / TOKENIZER_FILE if candidate.is_dir() else candidate
+        if file.is_file():
+            check_tokenizer_matches(file, prepared_sources(config), "data.tokenizer", fix)
+            return file
+    return None
+
+
+def run_tokenizer_dir(config: dict[str, Any]) -> Path | None:
+    """The directory of the tokenizer a run's data was prepared with (`data_tokenizer_file`); None if gone."""
+    file = data_tokenizer_file(config)
+    return file.parent if file is not None else None
+
+
+def export_tokenizer_configs(
+    tokenizer_json: Path, model_max_length: int, eos_token: str | None = None
+) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """What an export writes beside a copy of `tokenizer_json` so that transformers' AutoTokenizer and lm-eval's
+    Hugging Face runner read it as is, and the bos/eos/pad ids for its config.json.
+
+    Returns ({file name: JSON object}, ids). tokenizer_config.json is the one beside `tokenizer_json` (if any) with
+    `eos_token` set to the data's end-of-document token and, unless it says otherwise, `tokenizer_class`
+    PreTrainedTokenizerFast and `model_max_length`; a special_tokens_map.json beside it gets the same eos_token.
+    The end-of-document token is `eos_token` if given, else the one recorded by the manifest of a split prepared
+    beside the tokenizer (`<output>/train`, `<output>/val`; a manifest of another tokenizer is refused), else the
+    tokenizer's own (`resolve_eos`); without one, no eos_token is written.
+    """
+    directory = tokenizer_json.parent
+    existing = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = directory / name
+        try:  # only a tokenizer.json's own siblings describe it
+            value = json.loads(path.read_text()) if tokenizer_json.name == TOKENIZER_FILE and path.is_file() else None
+        except (OSError, ValueError):
+            value = None
+        existing[name] = value if isinstance(value, dict) else None
+    tokenizer_config = dict(existing["tokenizer_config.json"] or {})
+    tokenizer_config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    tokenizer_config.setdefault("model_max_length", model_max_length)
     try:
-        tokenizer = load_tokenizer(file)
-    except UserError:  # ids are a convenience: the tokenizer files are copied along anyway
-        return {}
-    names: dict[str, str] = {}
-    config_path = file.parent / "tokenizer_config.json"
-    try:
-        tokenizer_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    except (OSError, ValueError):
-        tokenizer_config = {}
+        tokenizer = load_tokenizer(tokenizer_json)
+    except UserError:  # the files are copied along anyway; ids and EOS are a convenience
+        return {"tokenizer_config.json": tokenizer_config}, {}
+    if eos_token is None:
+        splits = [directory / split for split in ("train", "val") if (directory / split / MANIFEST).is_file()]
+        if splits:
+            check_tokenizer_matches(tokenizer_json, splits, "tokenizer_dir")
+            eos_token = read_manifest(splits[0])["tokenizer"]["eos_token"]
+    if eos_token is None:
+        try:
+            eos_token = resolve_eos(tokenizer, tokenizer_json)[0]
+        except UserError:
+            pass
+    files = {"tokenizer_config.json": tokenizer_config}
+    names = {}
     for key in ("bos", "pad"):
         value = tokenizer_config.get(f"{key}_token")
         value = value.get("content") if isinstance(value, dict) else value
         if isinstance(value, str):
             names[key] = value
-    try:
-        names["eos"] = resolve_eos(tokenizer, file)[0]
-    except UserError:
-        pass
+    if eos_token is not None:
+        names["eos"] = eos_token
+        current = tokenizer_config.get("eos_token")
+        if (current.get("content") if isinstance(current, dict) else current) != eos_token:
+            tokenizer_config["eos_token"] = eos_token
+        special = existing["special_tokens_map.json"]
+        if special is not None and "eos_token" in special:
+            files["special_tokens_map.json"] = {**special, "eos_token": eos_token}
     ids = {f"{key}_token_id": tokenizer.token_to_id(token) for key, token in names.items()}
-    return {key: value for key, value in ids.items() if value is not None}
-
-
-def run_tokenizer_dir(config: dict[str, Any]) -> Path | None:
-    """The directory of the tokenizer a run's data was prepared with, from its config (as a dict); None if gone."""
-    data = config.get("data", {})
-    candidates = [Path(data["tokenizer"]).expanduser()] if data.get("tokenizer") else []
-    candidates += [Path(s["path"]).expanduser().parent / TOKENIZER_FILE for s in data.get("sources", [])]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate.parent
-        if (candidate / TOKENIZER_FILE).is_file():
-            return candidate
-    return None
+    return files, {key: value for key, value in ids.items() if value is not None}
 
 
 @dataclass
@@ -191,20 +297,21 @@ class RunTokenizer:
 
 
 def run_tokenizer(config: dict[str, Any], needed_by: str) -> RunTokenizer:
-    """The run's tokenizer (data.tokenizer, or the one beside its sources) with the EOS and encoding its training
-    sources' manifest records (else the tokenizer's own EOS). `needed_by` names the caller in the error message."""
-    directory = run_tokenizer_dir(config)
-    if directory is None:
+    """The run's tokenizer (`data_tokenizer_file`: data.tokenizer, or the one beside its sources, checked against
+    them) with the EOS and encoding its training sources' manifest records (else the tokenizer's own EOS).
+    `needed_by` names the caller in the error message."""
+    file = data_tokenizer_file(config)
+    if file is None:
         raise UserError(
             f"{needed_by} needs the run's tokenizer, but neither data.tokenizer nor the directories of data.sources "
             "hold a tokenizer.json. Set data.tokenizer=PATH/tokenizer.json (the one the data was prepared with)."
         )
-    tokenizer = load_tokenizer(directory)
+    tokenizer = load_tokenizer(file)
     for source in config.get("data", {}).get("sources", []):
         manifest = Path(source["path"]).expanduser() / MANIFEST
         if manifest.is_file():
             info = json.loads(manifest.read_text())
             return RunTokenizer(
-                tokenizer, info["tokenizer"]["eos_id"], info.get("add_special_tokens", False), directory
+                tokenizer, info["tokenizer"]["eos_id"], info.get("add_special_tokens", False), file.parent
             )
-    return RunTokenizer(tokenizer, resolve_eos(tokenizer, directory)[1], False, directory)
+    return RunTokenizer(tokenizer, resolve_eos(tokenizer, file)[1], False, file.parent)

@@ -330,7 +330,7 @@ def _prepared_task(task: str, key: str, data_dir: Path | None) -> str:
         raise UserError(
             f"{key}: {task!r} would be {path}, which does not exist. `lit-open prepare` writes tasks/next_line there "
             "when it holds documents out (val_fraction > 0) and they give at least 20 items; prepare the data again "
-            "with val_fraction > 0, or give another task."
+            "with val_fraction > 0, or give another task (a recipe's in-loop benchmark goes with plugins=[])."
         )
     return str(path)
 

@@ -1,8 +1,13 @@
-"""`<run.dir>/events.jsonl`: one JSON object per notable event, for humans, reports and tooling."""
+"""`<run.dir>/events.jsonl`: one JSON object per notable event, for humans, reports and tooling.
+
+Strict JSON, which every reader accepts: a value JSON cannot encode is written as a string, non-finite floats
+included (`"nan"`, `"inf"`, `"-inf"`, so that a NaN loss and an overflow stay apart).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,18 @@ class EventLog:
         record = {"step": int(step), "event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+            f.write(json.dumps(_encodable(record), default=str, allow_nan=False) + "\n")
+
+
+def _encodable(value: Any) -> Any:
+    """`value` with every non-finite float, however deeply nested, as its string (e.g. "nan")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(float(value))
+    if isinstance(value, dict):
+        return {_encodable(k) if isinstance(k, float) else k: _encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v) for v in value]
+    return value
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from torchmetrics import MeanMetric
 
 from lit_open.checkpoint.resumable import CHECKPOINT_KEY
 from lit_open.checkpoint.source import open_source, read_weights
-from lit_open.config import TrainConfig
+from lit_open.config import TrainConfig, run_record
 from lit_open.errors import UserError
 from lit_open.glue import validate_after_this_batch
 from lit_open.model import Transformer
@@ -31,7 +30,7 @@ from lit_open.parallel import after_optimizer_step, check_tensor_parallel, mater
 from lit_open.plugin import Plugin, RunState, StepOutputs
 from lit_open.train.events import EventLog
 from lit_open.train.loss import LossOutput, lm_loss
-from lit_open.train.optim import build_optimizer, build_scheduler, param_groups
+from lit_open.train.optim import build_optimizer, build_scheduler, param_groups, scheduled_lrs
 from lit_open.train.rollback import Rollbacks, agreed_rollback, no_snapshots
 from lit_open.train.snapshots import rng_state, set_rng_state
 
@@ -162,6 +161,11 @@ class LitLM(L.LightningModule):
                     " Use the same optim.decay_* settings and plugins as the source run."
                 ) from None
             self._init_optimizer_state = None
+        # The next update's LR as the schedule in effect gives it: a resumed checkpoint restored the LR its own plan
+        # set, which a re-planned schedule (schedule.total_steps) changes from this very update on.
+        scheduler = self.lr_schedulers()
+        for group, lr in zip(self.optimizers().optimizer.param_groups, scheduled_lrs(scheduler)):
+            group["lr"] = lr
         policies = [p for p in (plugin.snapshot_policy() for plugin in self.plugins) if p is not None]
         if policies:
             self.rollbacks = Rollbacks(self, policies)
@@ -239,6 +243,7 @@ class LitLM(L.LightningModule):
         self._batches_since_row += 1
         if skip:  # no row: metrics.csv has one row per optimizer step; the plugin records why in events.jsonl
             run.skipped_updates += 1
+            run.skipped_by = tuple(plugin.name for plugin, asked in zip(self.plugins, decisions) if asked)
             return
         if self.rollbacks is not None and self.rollbacks.due(self.global_step):
             self.rollbacks.take()
@@ -313,7 +318,7 @@ class LitLM(L.LightningModule):
     # -- checkpoints ---------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {
-            "config": asdict(self.config),
+            "config": run_record(self.config),
             "consumed_batches": self.run.consumed_batches,
             "skipped_updates": self.run.skipped_updates,
             "rollbacks": self.run.rollbacks,

@@ -138,3 +138,8 @@ def _lambda(epoch: int, cfg: ScheduleConfig, total_steps: int) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_steps: int):
     total = cfg.total_steps or max_steps
     return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_lambda, cfg=cfg, total_steps=total))
+
+
+def scheduled_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list[float]:
+    """The LR of each parameter group for the scheduler's next update (its base LR times its factor now)."""
+    return [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,11 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Str
 from lit_open.checkpoint.resumable import CHECKPOINT_KEY, CheckpointWriter, find_resume_checkpoint, read_checkpoint
 from lit_open.checkpoint.source import apply_init_source, as_resumed_from
 from lit_open.compose import to_yaml
-from lit_open.config import MODEL_PARALLEL_STRATEGIES, TrainConfig, TrainerConfig
+from lit_open.config import MODEL_PARALLEL_STRATEGIES, TrainConfig, TrainerConfig, run_record
 from lit_open.data.datamodule import DataModule, micro_batches_per_step, open_sources
 from lit_open.data.prepare import prepare
 from lit_open.data.sequence import DataSequenceLog
+from lit_open.data.tokenizer import check_tokenizer_matches, data_tokenizer_file
 from lit_open.errors import UserError
 from lit_open.glue import NEVER
 from lit_open.model.config import NON_ARCHITECTURE_KEYS
@@ -30,7 +30,10 @@ from lit_open.plugin import Plugin, build_plugins
 from lit_open.train.loggers import build_loggers
 from lit_open.train.module import LitLM
 from lit_open.train.progress import StepProgress
-from lit_open.train.summary import console, print_header, print_summary, summarize
+from lit_open.train.rundir import choose_start
+from lit_open.train.summary import console, print_header, print_summary, shell_command, summarize
+
+BATCH_SHAPE_KEYS = ("global_batch_size", "seq_len")  # data keys a resumed run cannot change
 
 
 def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
@@ -49,19 +52,26 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
     if resume_path is not None:
         check_checkpoint_kind(resume_path, cfg.strategy.name)
     resumed = read_checkpoint(resume_path) if resume_path is not None else None
+    start = choose_start(cfg, run_dir, resume_path)
+    resume_path = start.resume_path
+    resume_step = resumed["global_step"] if resumed is not None else 0
+    if resume_step >= cfg.trainer.max_steps > 0:
+        return nothing_to_do(cfg, resume_path, resume_step, rank_zero)
+    saved = resumed[CHECKPOINT_KEY]["config"] if resumed is not None else None
     if cfg.init_from:  # the source's architecture and tokenizer (a hub source is downloaded once per cache)...
-        if resumed is None:
+        if saved is None:
             cfg = apply_init_source(cfg, explicit_model_keys)
         else:  # ... which a resumed run has in its checkpoint: no download, also on a cluster without the hub
-            cfg = as_resumed_from(cfg, resumed[CHECKPOINT_KEY]["config"], explicit_model_keys)
+            cfg = as_resumed_from(cfg, saved, explicit_model_keys)
+    cfg, planned_before = with_schedule_length(cfg, saved)
     ensure_data(cfg, rank_zero)
     data_parallel, tensor_parallel = parallel_sizes(cfg)
     check_tensor_parallel(cfg.model, tensor_parallel, cfg.data.seq_len)
     n_micro = micro_batches_per_step(cfg.data, data_parallel)
-    changed = check_resumable(cfg, resumed) if resumed is not None else {}
-    resume_step = resumed["global_step"] if resumed is not None else 0
-    del resumed  # only its metadata was needed; Lightning loads the checkpoint itself
+    changed = check_resumable(cfg, saved) if saved is not None else {}
+    del resumed, saved  # only its metadata was needed; Lightning loads the checkpoint itself
     if rank_zero:
+        start.move_aside(run_dir)
         write_atomically(run_dir / "config.yaml", to_yaml(cfg))
 
     if cfg.trainer.matmul_precision:
@@ -119,7 +129,14 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
             "srun --ntasks-per-node) and trainer.num_nodes the number of nodes."
         )
     if trainer.is_global_zero:
-        print_header(cfg, trainer, n_micro, resume_path, resume_step)
+        print_header(cfg, trainer, n_micro, resume_path, resume_step, planned_before)
+        if start.moves:
+            console.print(
+                f"  moved aside intact: {', '.join(p.name for p in start.moves)} -> {start.moved_to} (not part of "
+                "this run's lineage)"
+            )
+    if start.moves:
+        events.write(resume_step, "moved_aside", to=str(start.moved_to), paths=[p.name for p in start.moves])
     if resume_path is not None:
         events.write(resume_step, "resume", checkpoint=str(resume_path), changed=changed)
     else:
@@ -149,11 +166,25 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
     return summary
 
 
+def nothing_to_do(cfg: TrainConfig, checkpoint: Path, step: int, rank_zero: bool) -> dict[str, Any]:
+    """A launch whose checkpoint is already at (or past) trainer.max_steps: say so, change nothing."""
+    if rank_zero:
+        config = Path(cfg.run.dir) / "config.yaml"
+        further = shell_command("train", "--config", config, f"trainer.max_steps={2 * step}")
+        console.print(
+            f"Run {cfg.run.dir} is already at step {step:,} ({checkpoint}), trainer.max_steps="
+            f"{cfg.trainer.max_steps:,}: nothing to do. To train further: {further}"
+        )
+    return {"run_dir": cfg.run.dir, "steps": step, "steps_this_session": 0, "checkpoint": str(checkpoint)}
+
+
 def with_plugin_options(cfg: TrainConfig, plugins: list[Plugin]) -> TrainConfig:
     """`cfg` with every option of every plugin written out, defaults included, as the plugins were built: config.yaml
     and checkpoints then hold the options the run used, even if a later version changes a default."""
     keys = [key for key, spec in cfg.plugins.items() if isinstance(spec, dict) and "_target_" in spec]
-    blocks = {key: {"_target_": cfg.plugins[key]["_target_"], **asdict(p.cfg)} for key, p in zip(keys, plugins)}
+    blocks = {
+        key: {"_target_": cfg.plugins[key]["_target_"], **dataclasses.asdict(p.cfg)} for key, p in zip(keys, plugins)
+    }
     return dataclasses.replace(cfg, plugins=blocks)
 
 
@@ -240,6 +271,24 @@ def ensure_data(cfg: TrainConfig, rank_zero: bool, need_train: bool = True) -> N
     train_sources = data.sources if need_train else []
     paths = [Path(s.path).expanduser() for s in train_sources + data.val_sources]
     missing = [p for p in paths if not (p / "index.json").is_file()]
+    output = Path(data.prepare.output).expanduser().resolve() if data.prepare is not None else None
+    foreign = [p for p in missing if output is not None and p.resolve().parent != output]
+    if foreign:  # data.prepare builds its own output only, never a source the user named elsewhere
+        sources = [(f"data.sources[{i}]", s.path) for i, s in enumerate(train_sources)]
+        sources += [(f"data.val_sources[{i}]", s.path) for i, s in enumerate(data.val_sources)]
+        key, path = next((k, v) for k, v in sources if Path(v).expanduser() == foreign[0])
+        raise UserError(
+            f"{key}.path={path!r} holds no prepared data (no {Path(path).expanduser() / 'index.json'}"
+            f"{'' if Path(path).expanduser().exists() else '; the directory does not exist'}). Check the path, or "
+            "write the data there with `lit-open prepare inputs=[...] output=DIR` and give DIR/train (and DIR/val)."
+        )
+    mixed = [p for p in paths if output is not None and p.resolve().parent != output]
+    if missing and mixed:  # e.g. a recipe's own data.prepare and val_sources beside the user's data.sources
+        raise UserError(
+            f"data.prepare would build {output} for {', '.join(map(str, missing))}, but {mixed[0]} is other data: "
+            "a recipe's prepared data would be mixed with yours. Give your own data.val_sources (or "
+            "data.val_sources=[]) and data.tokenizer, and data.prepare=null."
+        )
     if missing and data.prepare is not None:
         if rank_zero:
             console.print(f"Preparing data into {data.prepare.output} (first use)...")
@@ -258,6 +307,15 @@ def ensure_data(cfg: TrainConfig, rank_zero: bool, need_train: bool = True) -> N
     sources = open_sources(train_sources, block, "data.sources") + open_sources(
         data.val_sources, block, "data.val_sources"
     )
+    if data.tokenizer and not Path(data.tokenizer).expanduser().exists():
+        raise UserError(
+            f"data.tokenizer={data.tokenizer!r} does not exist. Give the tokenizer.json the data was prepared with "
+            "(`lit-open prepare` writes it beside train/ and val/), or null to take the one beside data.sources."
+        )
+    # the tokenizer that samples, benchmarks and exports use must be the one every source was prepared with
+    tokenizer = data_tokenizer_file(dataclasses.asdict(cfg)) if need_train else None
+    if tokenizer is not None and data.val_sources:
+        check_tokenizer_matches(tokenizer, [s.path for s in data.val_sources], "data.tokenizer")
     vocab = sources[0].manifest["tokenizer"]["vocab_size"]
     if vocab > cfg.model.padded_vocab_size:
         raise UserError(
@@ -267,10 +325,9 @@ def ensure_data(cfg: TrainConfig, rank_zero: bool, need_train: bool = True) -> N
         )
 
 
-def check_resumable(cfg: TrainConfig, checkpoint: dict[str, Any]) -> dict[str, list]:
-    """Refuse a checkpoint of another architecture; return the other config keys that changed since it."""
-    saved = checkpoint[CHECKPOINT_KEY]["config"]
-    current = asdict(cfg)
+def check_resumable(cfg: TrainConfig, saved: dict[str, Any]) -> dict[str, list]:
+    """Refuse a checkpoint of another architecture or batch shape; return the other config keys that changed."""
+    current = run_record(cfg)
     model_diff = {
         k: (saved["model"].get(k), v)
         for k, v in current["model"].items()
@@ -280,9 +337,36 @@ def check_resumable(cfg: TrainConfig, checkpoint: dict[str, Any]) -> dict[str, l
         listing = ", ".join(f"model.{k}: {a!r} in the checkpoint, {b!r} now" for k, (a, b) in model_diff.items())
         raise UserError(
             f"The checkpoint to resume was trained with another model ({listing}). Resume with the same model "
-            "settings, or start a new run (resume=none or another run.dir)."
+            "settings, or start a new run (another run.dir, or move_aside=true)."
+        )
+    # The data position, the token counts and the data-sequence log count global batches of this shape: another
+    # shape would skip or repeat samples and make every token count wrong.
+    shape_diff = [k for k in BATCH_SHAPE_KEYS if saved["data"].get(k) != current["data"][k]]
+    if shape_diff:
+        old = {k: saved["data"].get(k) for k in shape_diff}
+        listing = ", ".join(f"data.{k}={old[k]} in the checkpoint, {current['data'][k]} now" for k in shape_diff)
+        keep = " ".join(f"data.{k}={old[k]}" for k in shape_diff)
+        raise UserError(
+            f"A resumed run keeps the global batch of its checkpoint ({listing}): its data position and token counts "
+            f"are in those batches. Resume with {keep}, "
+            "or start a new run from these weights with init_from=CHECKPOINT and another run.dir (it reads its own "
+            "data order from the start)."
         )
     return {key: [old, new] for key, (old, new) in _flat_diff(saved, current).items()}
+
+
+def with_schedule_length(cfg: TrainConfig, saved: dict[str, Any] | None) -> tuple[TrainConfig, int | None]:
+    """`cfg` with schedule.total_steps fixed: at a fresh start trainer.max_steps unless set; on resume the
+    checkpoint's, unless set to another value (a re-plan). Returns the checkpoint's length when it was re-planned."""
+    schedule = cfg.schedule
+    if saved is None:
+        total = schedule.total_steps or cfg.trainer.max_steps
+        return dataclasses.replace(cfg, schedule=dataclasses.replace(schedule, total_steps=total)), None
+    # checkpoints from before the length was saved stretched the schedule over their trainer.max_steps
+    before = saved["schedule"].get("total_steps") or saved["trainer"]["max_steps"]
+    total = schedule.total_steps or before
+    cfg = dataclasses.replace(cfg, schedule=dataclasses.replace(schedule, total_steps=total))
+    return cfg, before if total != before else None
 
 
 def _flat_diff(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:

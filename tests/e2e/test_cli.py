@@ -111,3 +111,21 @@ def test_prepare_train_eval_and_checkpoint_errors(tmp_path):
     junk = tmp_path / "junk.ckpt"
     junk.write_text("not a checkpoint")
     assert_user_error(cli_here("train", *overrides, f"resume={junk}"), "Cannot read checkpoint", "junk.ckpt")
+
+
+@pytest.mark.slow
+def test_debug_keeps_exit_status_2_and_shows_the_traceback_with_its_cause(tmp_path):
+    # a user error raised from a library's exception: a Hugging Face directory whose weights file is garbage
+    transformers = pytest.importorskip("transformers")
+    source = tmp_path / "hf"
+    source.mkdir()
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    config.save_pretrained(source)
+    (source / "model.safetensors").write_bytes(b"not safetensors")
+    result = run_cli("convert", f"source=hf:{source}", f"out={tmp_path / 'w.ckpt'}", env={"LIT_OPEN_DEBUG": "1"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "The above exception was the direct cause of the following exception" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("lit-open: error: Could not read the weights file")

@@ -63,6 +63,17 @@ def test_in_loop_and_offline_lm_eval_agree(tiny_data, tmp_path):
     for key in METRICS:
         assert math.isclose(from_hf["metrics"][key], in_loop[6][key], rel_tol=1e-5, abs_tol=1e-9), key
 
+    # lm-eval's own Hugging Face runner takes the export as is (`lm_eval --model hf --model_args pretrained=DIR`):
+    # its tokenizer (and end-of-document token) come from the export's files, and the scores are the same
+    from lm_eval.models.huggingface import HFLM
+
+    from lit_open.eval.harness import load_tasks, resolve_tasks, run_tasks
+
+    runner = HFLM(pretrained=str(export), device="cpu", dtype="float32", batch_size=8)
+    theirs = run_tasks(runner, load_tasks(resolve_tasks([str(tasks)])), limit=8).metrics
+    for key in METRICS[:3]:  # the scored tasks (greedy generation is transformers' own loop)
+        assert math.isclose(theirs[key], in_loop[6][key], rel_tol=1e-4, abs_tol=1e-6), (key, theirs[key])
+
 
 def test_eval_tasks_user_errors(tiny_data, tmp_path):
     missing = tmp_path / "no-such-tasks"

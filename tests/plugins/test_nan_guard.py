@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import read_metrics, run_cli, tiny_overrides
 
 import lit_open.train.runner as train_module
 from lit_open.compose import load_train_config
+from lit_open.data.sequence import read_data_sequence
 from lit_open.errors import UserError
 from lit_open.plugin import Plugin
 from lit_open.plugins.nan_guard import NanGuard
 from lit_open.train import run
-from lit_open.train.events import read_events
+from lit_open.train.events import EventLog, read_events
 
 
 def ask(guard: NanGuard, step: int, data_step: int, loss: float, grad_norm: float = 1.0):
@@ -121,3 +124,40 @@ def test_injected_nans_are_skipped_then_rolled_back_and_no_checkpoint_holds_a_na
         tensors = list(checkpoint["state_dict"].values())
         tensors += [v for s in checkpoint["optimizer_states"][0]["state"].values() for v in s.values()]
         assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()), path
+
+
+def strict_json(line: str):
+    """json.loads that refuses NaN and Infinity, which strict JSON readers (jq, JavaScript, Go, ...) reject."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+@pytest.mark.slow
+def test_a_nan_run_writes_strict_json_events_and_marks_the_skipped_batch(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    settings = {"plugins": "[chaos,nan_guard]", "plugins.chaos.nan_steps": "[2]", "trainer.val_check_interval": 0}
+    result = run_cli("train", *tiny_overrides(tiny_data, run_dir, **{"trainer.max_steps": 4, **settings}))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    events = [strict_json(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    (non_finite,) = [e for e in events if e["event"] == "non_finite"]
+    assert non_finite["action"] == "skip" and non_finite["data_step"] == 2
+    assert non_finite["values"] == {"loss": "nan", "grad_norm": "nan"}  # a string tells nan from inf
+    assert events == read_events(run_dir / "events.jsonl")
+
+    entries = read_data_sequence(run_dir / "data_sequence")
+    assert [(e["data_step"], e["step"], e.get("update_skipped")) for e in entries] == [
+        (0, 1, None),
+        (1, 2, None),
+        (2, 2, "nan_guard"),  # trained on, but its update was skipped: it did not shape the model
+        (3, 3, None),
+        (4, 4, None),
+    ]
+
+    log = EventLog(tmp_path / "direct.jsonl")  # nested values, tuples and numpy scalars too
+    log.write(1, "probe", values={"a": [math.inf, (-math.inf, 1.5)]}, x=np.float32("nan"), y=np.float64(2.0))
+    (record,) = [strict_json(line) for line in (tmp_path / "direct.jsonl").read_text().splitlines()]
+    assert record["values"] == {"a": ["inf", ["-inf", 1.5]]} and record["x"] == "nan" and record["y"] == 2.0

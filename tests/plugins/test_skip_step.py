@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_overrides, train_losses
+from conftest import run_cli, tiny_overrides, train_losses
 
 from lit_open.compose import load_train_config
+from lit_open.data.sequence import read_data_sequence
 from lit_open.errors import UserError
 from lit_open.plugin import Plugin, build_plugins
 from lit_open.plugins.skip_step import SkipStep
@@ -114,3 +115,25 @@ def test_an_injected_spike_is_skipped_and_changes_nothing(tiny_data, tmp_path, m
     assert "grad_norm" in skips[0]["outliers"]
     assert summary["steps"] == 10  # the skipped batch did not count as a step: 11 batches for 10 updates
     assert sorted(train_losses(tmp_path / "run")) == list(range(1, 11))
+
+
+@pytest.mark.slow
+def test_the_data_sequence_marks_the_batches_whose_updates_were_skipped_across_a_resume(tiny_data, tmp_path):
+    nan_in = {"plugins": "[chaos,skip_step]", "plugins.chaos.nan_steps": "[3,6]", "trainer.val_check_interval": 0}
+    for max_steps in (4, 6):  # the second session resumes from the checkpoint of step 4 (data step 4)
+        overrides = tiny_overrides(tiny_data, tmp_path / "run", **nan_in, **{"trainer.max_steps": max_steps})
+        result = run_cli("train", *overrides)
+        assert result.returncode == 0, result.stderr[-3000:]
+    entries = read_data_sequence(tmp_path / "run" / "data_sequence")
+    # 8 global batches for 6 updates: data steps 3 and 6 were trained on, but their updates were never applied
+    assert [(e["data_step"], e["step"], e.get("update_skipped")) for e in entries] == [
+        (0, 1, None),
+        (1, 2, None),
+        (2, 3, None),
+        (3, 3, "skip_step"),
+        (4, 4, None),
+        (5, 5, None),
+        (6, 5, "skip_step"),
+        (7, 6, None),
+    ]
+    assert not [e for e in entries if "undone" in e or "skipped" in e]

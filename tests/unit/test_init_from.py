@@ -70,8 +70,11 @@ def test_retention_keeps_the_last_k_plus_every_nth(tmp_path):
     writer = CheckpointWriter(directory, every_n_steps=1, keep_last=2, keep_every=5)
     for step in range(1, 13):
         (directory / f"step-{step:08d}.ckpt").write_text("x")
-        writer._prune()
+        writer._prune(step)
     assert [p.name[5:13] for p in list_checkpoints(directory)] == ["00000005", "00000010", "00000011", "00000012"]
+    (directory / "step-00000020.ckpt").write_text("x")  # after the step being written: never pruned by it
+    writer._prune(12)
+    assert [p.name[5:13] for p in list_checkpoints(directory)][-3:] == ["00000011", "00000012", "00000020"]
     with pytest.raises(UserError, match="checkpoint.keep_every=-1"):
         load_train_config(["checkpoint.keep_every=-1"])
 

@@ -227,7 +227,7 @@ def test_a_group_choice_and_its_name_cannot_disagree():
     assert load_train_config(["schedule=wsd"]).schedule.min_lr_ratio == 0.0
 
 
-def test_a_saved_config_has_no_groups_and_takes_names_as_plain_keys(tmp_path):
+def test_a_saved_config_takes_a_group_name_as_its_choice(tmp_path):
     from lit_open.compose import to_yaml
 
     saved = tmp_path / "config.yaml"
