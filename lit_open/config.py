@@ -16,6 +16,8 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from lit_open.errors import UserError, check_choice
 from lit_open.model.config import ModelConfig
 
+SOURCE_FORMATS = ("litdata", "megatron", "numpy", "llm360")
+NUMPY_TOKEN_DTYPES = ("uint16", "uint32")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
@@ -37,8 +39,12 @@ class RunConfig:
 
 @dataclass
 class SourceConfig:
-    path: str = MISSING  # a directory written by `lit-open prepare` (litdata chunks + manifest.json)
+    path: str = MISSING  # litdata: a directory written by `lit-open prepare`; released formats: docs/data.md
     weight: float = 1.0  # relative share of this source in every global batch
+    # litdata (lit-open prepare) | megatron (.bin + .idx, e.g. Pythia's preshuffled Pile) | numpy (OLMo / Dolma
+    # headerless token arrays) | llm360 (JSON lines of token_ids, e.g. AmberDatasets): read in place
+    format: str = "litdata"
+    dtype: str | None = None  # numpy: the token dtype of the files, uint16 or uint32
 
 
 @dataclass
@@ -290,6 +296,25 @@ def _field_type(schema: type, dotted: str) -> str | None:
     return getattr(node, "__name__", None) or (str(node).replace("typing.", "") if node is not None else None)
 
 
+def check_sources(data: DataConfig) -> None:
+    """Each source's format and dtype; released formats carry no end-of-document metadata for document masks."""
+    for key, sources in (("data.sources", data.sources), ("data.val_sources", data.val_sources)):
+        for i, source in enumerate(sources):
+            check_choice(f"{key}[{i}].format", source.format, SOURCE_FORMATS)
+            if source.format == "numpy":
+                check_choice(f"{key}[{i}].dtype", source.dtype, NUMPY_TOKEN_DTYPES)
+            elif source.dtype is not None:
+                raise UserError(
+                    f"{key}[{i}].dtype={source.dtype} applies to format=numpy only ({source.format} files record "
+                    "their own token type); drop it."
+                )
+            if data.document_mask and source.format != "litdata":
+                raise UserError(
+                    f"data.document_mask=true needs the end-of-document id that `lit-open prepare` records; "
+                    f"{key}[{i}] is format={source.format}. Set data.document_mask=false for released formats."
+                )
+
+
 def validate(cfg: DictConfig | dict) -> TrainConfig:
     """Return the typed config for a composed one, or raise a UserError that names the first problem."""
     typed: TrainConfig = to_typed(TrainConfig, cfg, "config")
@@ -316,6 +341,7 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
                 )
     check_choice("trainer.precision", typed.trainer.precision, PRECISIONS)
     data = typed.data
+    check_sources(data)
     for key in ("seq_len", "micro_batch_size", "global_batch_size"):
         if getattr(data, key) < 1:
             raise UserError(f"data.{key}={getattr(data, key)} must be a positive integer.")

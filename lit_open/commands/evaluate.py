@@ -94,7 +94,7 @@ def evaluate(checkpoint: str | Path, overrides: list[str]) -> dict[str, Any]:
     if tokenizer is not None:  # the model's: a held-out loss on data tokenized otherwise would mean nothing
         check_tokenizer_matches(
             tokenizer,
-            [s.path for s in cfg.data.val_sources],
+            [s.path for s in cfg.data.val_sources if s.format == "litdata"],  # released formats: no manifest
             "data.tokenizer",
             "The model was trained on tokens of this tokenizer: give data.val_sources held-out data prepared with "
             f"it, e.g. `lit-open prepare inputs=[...] output=DIR tokenizer={tokenizer} val_fraction=0.1` and "

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from lit_open.config import DataConfig, SourceConfig
 from lit_open.data.manifest import read_manifest
 from lit_open.data.order import PhasedOrder
+from lit_open.data.released import SampleReader, open_released
 from lit_open.errors import UserError
 from lit_open.model.attention import doc_ids_from_tokens
 
@@ -27,14 +28,30 @@ class Source:
     path: Path
     weight: float
     samples: int  # sequences of seq_len + 1 tokens
-    manifest: dict
+    manifest: dict | None  # what `lit-open prepare` recorded; None for a released format (lit_open.data.released)
+    format: str = "litdata"
+    dtype: str | None = None
+
+    def open(self, block_size: int) -> Any:
+        """A reader of this source's samples by index (in each DataLoader worker)."""
+        if self.format == "litdata":
+            # litdata is slow to import; it is needed where the streams are opened (each DataLoader worker)
+            from litdata import StreamingDataset, TokensLoader
+
+            return StreamingDataset(str(self.path), item_loader=TokensLoader(block_size=block_size), shuffle=False)
+        return open_released(self.format, self.path, block_size, str(self.path), self.dtype)
 
 
-def open_sources(sources: list[SourceConfig], block_size: int, key: str) -> list[Source]:
-    """Check the prepared sources under config key `key` and count their samples of `block_size` tokens."""
+def open_sources(sources: list[SourceConfig], block_size: int, key: str, vocab_size: int | None = None) -> list[Source]:
+    """Check the sources under config key `key` and count their samples of `block_size` tokens (a released
+    format's ids are checked against `vocab_size` when given)."""
     opened = []
     for i, source in enumerate(sources):
         path = Path(source.path).expanduser()
+        if source.format != "litdata":
+            reader = open_released(source.format, path, block_size, f"{key}[{i}]", source.dtype, vocab_size)
+            opened.append(Source(path, source.weight, reader.samples, None, source.format, source.dtype))
+            continue
         index = path / "index.json"
         if not index.is_file():
             hint = "it does not exist" if not path.exists() else "it has no litdata index.json"
@@ -51,9 +68,10 @@ def open_sources(sources: list[SourceConfig], block_size: int, key: str) -> list
                 f"data.seq_len+1={block_size} tokens. Prepare more data or lower data.seq_len."
             )
         opened.append(Source(path=path, weight=source.weight, samples=samples, manifest=manifest))
-    hashes = {s.manifest["tokenizer"]["sha256"] for s in opened}
+    prepared = [s for s in opened if s.manifest is not None]
+    hashes = {s.manifest["tokenizer"]["sha256"] for s in prepared}
     if len(hashes) > 1:
-        listing = "; ".join(f"{s.path}: {s.manifest['tokenizer']['sha256'][:12]}" for s in opened)
+        listing = "; ".join(f"{s.path}: {s.manifest['tokenizer']['sha256'][:12]}" for s in prepared)
         raise UserError(f"The sources under {key} were tokenized with different tokenizers ({listing}).")
     return opened
 
@@ -69,28 +87,24 @@ def micro_batches_per_step(cfg: DataConfig, data_parallel_size: int) -> int:
 
 
 class TokenSamples(Dataset):
-    """Sequences of block_size tokens read by (source, index) from litdata token streams (random access)."""
+    """Sequences of block_size tokens read by (source, index): litdata token streams or released files (random
+    access)."""
 
-    def __init__(self, paths: list[Path], block_size: int, eos_id: int | None = None) -> None:
-        self.paths = [str(p) for p in paths]
+    def __init__(self, sources: list[Source], block_size: int, eos_id: int | None = None) -> None:
+        self.sources = sources
         self.block_size = block_size
         self.eos_id = eos_id  # set: batches carry document ids for document-masked attention
-        self._streams: list | None = None  # opened lazily, once per DataLoader worker process
+        self._readers: list | None = None  # opened lazily, once per DataLoader worker process
 
     def _open(self) -> list:
-        if self._streams is None:
-            # litdata is slow to import; it is needed where the streams are opened (each DataLoader worker)
-            from litdata import StreamingDataset, TokensLoader
-
-            self._streams = [
-                StreamingDataset(p, item_loader=TokensLoader(block_size=self.block_size), shuffle=False)
-                for p in self.paths
-            ]
-        return self._streams
+        if self._readers is None:
+            self._readers = [source.open(self.block_size) for source in self.sources]
+        return self._readers
 
     def __getitem__(self, key: tuple[int, ...]) -> dict[str, Any]:
         source, index, data_step, micro, n_micro = key
-        tokens = np.asarray(self._open()[source][index], dtype=np.int64)
+        reader = self._open()[source]
+        tokens = np.asarray(reader.read(index) if isinstance(reader, SampleReader) else reader[index], dtype=np.int64)
         return {"tokens": torch.from_numpy(tokens), "sample": (source, index), "meta": (data_step, micro, n_micro)}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -182,7 +196,7 @@ class DataModule(L.LightningDataModule):
                         self.train_sources.append(source)
                     ids.append(by_path[resolved])
                 self.phase_sources.append((start, ids, [s.weight for s in sources]))
-            tokenizers = {s.manifest["tokenizer"]["sha256"] for s in self.train_sources}
+            tokenizers = {s.manifest["tokenizer"]["sha256"] for s in self.train_sources if s.manifest is not None}
             if len(tokenizers) > 1:
                 keys = ", ".join(key for _, _, key in mixtures)
                 raise UserError(f"The training sources ({keys}) were tokenized with different tokenizers.")
@@ -226,7 +240,7 @@ class DataModule(L.LightningDataModule):
     def _loader(self, sources: list[Source], batch_sampler, workers: int | None = None) -> DataLoader:
         workers = self.cfg.num_workers if workers is None else workers
         eos_id = sources[0].manifest["tokenizer"]["eos_id"] if self.cfg.document_mask else None
-        samples = TokenSamples([s.path for s in sources], self.block_size, eos_id)
+        samples = TokenSamples(sources, self.block_size, eos_id)
         return DataLoader(
             samples,
             batch_sampler=batch_sampler,

@@ -65,8 +65,9 @@ class DataSequenceLog(Callback):
                     "path": str(s.path.resolve()),
                     "weight": s.weight,
                     "samples": s.samples,
-                    "tokens": s.manifest.get("tokens"),
-                    "tokenizer_sha256": s.manifest["tokenizer"]["sha256"],
+                    "format": s.format,
+                    "tokens": s.manifest.get("tokens") if s.manifest else None,
+                    "tokenizer_sha256": s.manifest["tokenizer"]["sha256"] if s.manifest else None,
                 }
                 for i, s in enumerate(datamodule.train_sources)
             ],

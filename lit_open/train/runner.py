@@ -269,7 +269,8 @@ def ensure_data(cfg: TrainConfig, rank_zero: bool, need_train: bool = True) -> N
     """Prepare the sources on first use when the data config says how; wait for rank 0 on other ranks."""
     data = cfg.data
     train_sources = data.sources if need_train else []
-    paths = [Path(s.path).expanduser() for s in train_sources + data.val_sources]
+    # released formats (lit_open.data.released) are read in place; only lit-open's own sources are prepared
+    paths = [Path(s.path).expanduser() for s in train_sources + data.val_sources if s.format == "litdata"]
     missing = [p for p in paths if not (p / "index.json").is_file()]
     output = Path(data.prepare.output).expanduser().resolve() if data.prepare is not None else None
     foreign = [p for p in missing if output is not None and p.resolve().parent != output]
@@ -282,7 +283,8 @@ def ensure_data(cfg: TrainConfig, rank_zero: bool, need_train: bool = True) -> N
             f"{'' if Path(path).expanduser().exists() else '; the directory does not exist'}). Check the path, or "
             "write the data there with `lit-open prepare inputs=[...] output=DIR` and give DIR/train (and DIR/val)."
         )
-    mixed = [p for p in paths if output is not None and p.resolve().parent != output]
+    every = [Path(s.path).expanduser() for s in train_sources + data.val_sources]
+    mixed = [p for p in every if output is not None and p.resolve().parent != output]
     if missing and mixed:  # e.g. a recipe's own data.prepare and val_sources beside the user's data.sources
         raise UserError(
             f"data.prepare would build {output} for {', '.join(map(str, missing))}, but {mixed[0]} is other data: "
@@ -304,8 +306,9 @@ def ensure_data(cfg: TrainConfig, rank_zero: bool, need_train: bool = True) -> N
             "`lit-open prepare`)."
         )
     block = data.seq_len + 1
-    sources = open_sources(train_sources, block, "data.sources") + open_sources(
-        data.val_sources, block, "data.val_sources"
+    vocab_size = cfg.model.padded_vocab_size
+    sources = open_sources(train_sources, block, "data.sources", vocab_size) + open_sources(
+        data.val_sources, block, "data.val_sources", vocab_size
     )
     if data.tokenizer and not Path(data.tokenizer).expanduser().exists():
         raise UserError(
@@ -315,8 +318,10 @@ def ensure_data(cfg: TrainConfig, rank_zero: bool, need_train: bool = True) -> N
     # the tokenizer that samples, benchmarks and exports use must be the one every source was prepared with
     tokenizer = data_tokenizer_file(dataclasses.asdict(cfg)) if need_train else None
     if tokenizer is not None and data.val_sources:
-        check_tokenizer_matches(tokenizer, [s.path for s in data.val_sources], "data.tokenizer")
-    vocab = sources[0].manifest["tokenizer"]["vocab_size"]
+        prepared_val = [s.path for s in data.val_sources if s.format == "litdata"]  # released ones have no manifest
+        check_tokenizer_matches(tokenizer, prepared_val, "data.tokenizer")
+    prepared = [s for s in sources if s.manifest is not None]  # released formats: ids checked when opened
+    vocab = max((s.manifest["tokenizer"]["vocab_size"] for s in prepared), default=0)
     if vocab > cfg.model.padded_vocab_size:
         raise UserError(
             f"The data was tokenized with a {vocab}-token vocabulary but the model has "
