@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from conftest import TINY_MODEL, Crash, CrashAfterStep, bind_run, read_metrics, run_cli, tiny_overrides, train_losses
 
 from lit_open.compose import load_train_config
-from lit_open.data.datamodule import TokenSamples
+from lit_open.config import SourceConfig
+from lit_open.data.datamodule import TokenSamples, open_sources
 from lit_open.errors import UserError
 from lit_open.model import ModelConfig, Transformer
 from lit_open.parallel import materialize
@@ -59,7 +60,7 @@ def float_model(weights: dict[str, torch.Tensor]) -> Transformer:
 
 def held_out_loss(model: Transformer, data: Path, samples: int = 128) -> float:
     """Mean next-token loss over the first `samples` sequences of 33 tokens of the held-out split."""
-    dataset = TokenSamples([data / "val"], block_size=33)
+    dataset = TokenSamples(open_sources([SourceConfig(str(data / "val"))], 33, "val"), block_size=33)
     batch = torch.stack([dataset[(0, i, 0, 0, 1)]["tokens"] for i in range(samples)])
     with torch.no_grad():
         logits = model(batch[:, :-1])
@@ -196,7 +197,7 @@ def test_qat_fine_tuning_loses_less_to_quantization_than_quantizing_afterwards(t
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # fastest for a model this small (and the CPU may be shared)
     try:
-        train = TokenSamples([tiny_data / "train"], block_size=33)
+        train = TokenSamples(open_sources([SourceConfig(str(tiny_data / "train"))], 33, "train"), block_size=33)
         order = torch.randperm(len(train._open()[0]), generator=torch.Generator().manual_seed(1))[:4000].tolist()
         pool = torch.stack([train[(0, i, 0, 0, 1)]["tokens"] for i in order])
         draw = torch.Generator().manual_seed(0)
