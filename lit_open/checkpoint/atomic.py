@@ -1,4 +1,4 @@
-"""Directories that appear complete or not at all (exports, releases)."""
+"""Files and directories that appear complete or not at all (configs, converted weights, indexes, exports)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,21 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def atomic_file(out: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `out` to write; when the block succeeds, it replaces `out` by one rename.
+
+    A crash or an error inside the block leaves `out` as it was and no temporary file behind.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager

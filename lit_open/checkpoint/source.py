@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from lit_open.checkpoint.hf import read_state_dict
 from lit_open.checkpoint.hf_config import context_length, read_config, read_config_json
 from lit_open.checkpoint.hub import CONFIG_FILE, HF_PREFIX, resolve_source
-from lit_open.checkpoint.resumable import CHECKPOINT_KEY, SHARDED_METADATA, read_checkpoint
+from lit_open.checkpoint.resumable import CHECKPOINT_KEY, POINTER, SHARDED_METADATA, list_checkpoints, read_checkpoint
 from lit_open.config import TrainConfig
 from lit_open.data.tokenizer import TOKENIZER_FILE
 from lit_open.errors import UserError
@@ -153,3 +153,40 @@ def read_weights(source: InitSource) -> tuple[dict[str, torch.Tensor], dict[str,
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """LitLM's state_dict names (`model.` + the Transformer's) -> the Transformer's."""
     return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def check_checkpoint_spec(spec: str, key: str) -> None:
+    """Refuse a path that does not exist, and a directory that is neither a checkpoint nor a Hugging Face directory,
+    such as <run.dir>/checkpoints or the run directory itself, naming the checkpoints in it (newest first) and the
+    one to give."""
+    path = Path(spec).expanduser()
+    if spec.startswith(HF_PREFIX):
+        return
+    if not path.exists():
+        raise UserError(
+            f"{key}={spec!r}: no such file or directory. Give a run checkpoint, {key}=<run.dir>/checkpoints/"
+            "step-NNNNNNNN.ckpt, or a Hugging Face checkpoint (hf:/path/to/dir, hf:ORG/NAME@REVISION)."
+        )
+    if not path.is_dir():
+        return
+    if any((path / name).exists() for name in (CONFIG_FILE, SHARDED_METADATA, ".metadata")) or any(
+        path.glob("*.distcp")
+    ):
+        return  # a Hugging Face directory or a sharded checkpoint (complete or not: read_checkpoint says)
+    directory = path
+    if not list_checkpoints(path) and list_checkpoints(path / "checkpoints"):
+        directory = path / "checkpoints"  # the run directory
+    found = list_checkpoints(directory)[::-1]
+    if not found:
+        raise UserError(
+            f"{key}={spec!r} is a directory, but neither a checkpoint nor a directory of checkpoints (it holds no "
+            f"step-NNNNNNNN.ckpt). Give a checkpoint, {key}=<run.dir>/checkpoints/step-NNNNNNNN.ckpt, or a "
+            f"Hugging Face directory (with {CONFIG_FILE})."
+        )
+    pointer = directory / POINTER
+    named = directory / pointer.read_text().strip() if pointer.is_file() else None
+    which = "the newest, which `latest` names" if named == found[0] else "the newest"
+    raise UserError(
+        f"{key}={spec!r} is a directory of checkpoints, not a checkpoint: give one of them, e.g. {key}={found[0]} "
+        f"({which}). It holds, newest first: {', '.join(p.name for p in found)}."
+    )

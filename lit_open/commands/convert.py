@@ -12,22 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lit_open.checkpoint.atomic import atomic_file
 from lit_open.checkpoint.hf import save_hf
-from lit_open.checkpoint.hub import CONFIG_FILE, HF_PREFIX
 from lit_open.checkpoint.resumable import (
     CHECKPOINT_KEY,
-    POINTER,
-    SHARDED_METADATA,
-    list_checkpoints,
     read_checkpoint,
 )
-from lit_open.checkpoint.source import InitSource, open_source, read_weights
+from lit_open.checkpoint.source import InitSource, check_checkpoint_spec, open_source, read_weights
 from lit_open.compose import load_command_config
 from lit_open.config import ConvertConfig
 from lit_open.data.manifest import read_manifest
@@ -64,43 +60,6 @@ def refuse_existing_out(out: Path, overwrite: bool) -> None:
     raise UserError(
         f"out={out} already exists{'' if out.is_file() else ' and is not empty'}. Pass overwrite=true to replace it "
         "(the new export replaces it only once complete), or choose another out=."
-    )
-
-
-def check_checkpoint_spec(spec: str, key: str) -> None:
-    """Refuse a path that does not exist, and a directory that is neither a checkpoint nor a Hugging Face directory,
-    such as <run.dir>/checkpoints or the run directory itself, naming the checkpoints in it (newest first) and the
-    one to give."""
-    path = Path(spec).expanduser()
-    if spec.startswith(HF_PREFIX):
-        return
-    if not path.exists():
-        raise UserError(
-            f"{key}={spec!r}: no such file or directory. Give a run checkpoint, {key}=<run.dir>/checkpoints/"
-            "step-NNNNNNNN.ckpt, or a Hugging Face checkpoint (hf:/path/to/dir, hf:ORG/NAME@REVISION)."
-        )
-    if not path.is_dir():
-        return
-    if any((path / name).exists() for name in (CONFIG_FILE, SHARDED_METADATA, ".metadata")) or any(
-        path.glob("*.distcp")
-    ):
-        return  # a Hugging Face directory or a sharded checkpoint (complete or not: read_checkpoint says)
-    directory = path
-    if not list_checkpoints(path) and list_checkpoints(path / "checkpoints"):
-        directory = path / "checkpoints"  # the run directory
-    found = list_checkpoints(directory)[::-1]
-    if not found:
-        raise UserError(
-            f"{key}={spec!r} is a directory, but neither a checkpoint nor a directory of checkpoints (it holds no "
-            f"step-NNNNNNNN.ckpt). Give a checkpoint, {key}=<run.dir>/checkpoints/step-NNNNNNNN.ckpt, or a "
-            f"Hugging Face directory (with {CONFIG_FILE})."
-        )
-    pointer = directory / POINTER
-    named = directory / pointer.read_text().strip() if pointer.is_file() else None
-    which = "the newest, which `latest` names" if named == found[0] else "the newest"
-    raise UserError(
-        f"{key}={spec!r} is a directory of checkpoints, not a checkpoint: give one of them, e.g. {key}={found[0]} "
-        f"({which}). It holds, newest first: {', '.join(p.name for p in found)}."
     )
 
 
@@ -153,13 +112,7 @@ def to_lit_open(source: InitSource, out: Path, dtype: torch.dtype | None) -> Pat
             "converted_from": {"source": source.spec, **source.provenance},
         },
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(out) as tmp:
         torch.save(checkpoint, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     print(f"wrote {out}: lit-open weights of {source.spec} ({json.dumps(source.provenance)}); use init_from={out}")
     return out

@@ -23,8 +23,7 @@ from omegaconf import OmegaConf
 from lit_open.checkpoint.hf import METADATA_FILE, load_hf
 from lit_open.checkpoint.hub import CONFIG_FILE
 from lit_open.checkpoint.resumable import CHECKPOINT_KEY, read_checkpoint
-from lit_open.checkpoint.source import open_source, read_weights
-from lit_open.commands.convert import check_checkpoint_spec
+from lit_open.checkpoint.source import check_checkpoint_spec, open_source, read_weights
 from lit_open.compose import load_command_config, load_train_config
 from lit_open.config import EvalConfig
 from lit_open.data.datamodule import DataModule

@@ -38,6 +38,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from lit_open.checkpoint.atomic import atomic_file
 from lit_open.errors import UserError, check_choice
 from lit_open.train.loss import IGNORE_INDEX
 
@@ -489,11 +490,5 @@ def scan_lines(file: Path, size: int) -> np.ndarray:
 
 
 def _write_atomic(target: Path, array: np.ndarray) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(target) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)

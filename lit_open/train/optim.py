@@ -130,6 +130,11 @@ def lr_factor(step: int, cfg: ScheduleConfig, total_steps: int) -> float:
     raise ValueError(f"unknown schedule {cfg.name!r}")
 
 
+def final_factor(cfg: ScheduleConfig) -> float:
+    """The LR a schedule ends at (and holds past its length), as a fraction of the peak LR."""
+    return lr_factor(cfg.total_steps, cfg, cfg.total_steps)
+
+
 def _lambda(epoch: int, cfg: ScheduleConfig, total_steps: int) -> float:
     # LambdaLR counts from 0 and applies the factor of `epoch` to the next update, i.e. update number epoch + 1
     return lr_factor(epoch + 1, cfg, total_steps)

@@ -14,6 +14,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 
+from lit_open.checkpoint.atomic import atomic_file
 from lit_open.checkpoint.resumable import CHECKPOINT_KEY, CheckpointWriter, find_resume_checkpoint, read_checkpoint
 from lit_open.checkpoint.source import apply_init_source, as_resumed_from
 from lit_open.compose import to_yaml
@@ -72,7 +73,8 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
     del resumed, saved  # only its metadata was needed; Lightning loads the checkpoint itself
     if rank_zero:
         start.move_aside(run_dir)
-        write_atomically(run_dir / "config.yaml", to_yaml(cfg))
+        with atomic_file(run_dir / "config.yaml") as tmp:
+            tmp.write_text(to_yaml(cfg))
 
     if cfg.trainer.matmul_precision:
         torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
@@ -383,9 +385,3 @@ def _flat_diff(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
         elif a != b:
             diff[f"{prefix}{key}"] = (a, b)
     return diff
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

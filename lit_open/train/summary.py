@@ -15,7 +15,7 @@ from lit_open.checkpoint.resumable import POINTER
 from lit_open.config import TrainConfig
 from lit_open.model import Transformer, num_parameters
 from lit_open.plugin import RunState
-from lit_open.train.optim import lr_factor
+from lit_open.train.optim import final_factor, lr_factor
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -30,7 +30,7 @@ def describe_lr(cfg: TrainConfig, step: int, planned_before: int | None) -> str:
     schedule, lr = cfg.schedule, cfg.optim.lr
     total, end = schedule.total_steps, cfg.trainer.max_steps
     warmup = f"{schedule.warmup_steps} warmup steps, then " if schedule.warmup_steps else ""
-    final = lr * lr_factor(total, schedule, total)
+    final = lr * final_factor(schedule)
     text = f"LR: {schedule.name} over {total:,} steps ({warmup}peak {lr:.3g}, final {final:.3g})"
     if planned_before is not None:
         old = lr * lr_factor(step + 1, schedule, planned_before)
@@ -101,7 +101,7 @@ def summarize(run: RunState, trainer: L.Trainer, start_step: int) -> dict[str, A
         "checkpoint": str(checkpoints / latest) if latest else None,
         "config": str(run_dir / "config.yaml"),
         "schedule_steps": schedule.total_steps,
-        "final_lr": config.optim.lr * lr_factor(schedule.total_steps, schedule, schedule.total_steps),
+        "final_lr": config.optim.lr * final_factor(schedule),
     }
 
 
