@@ -10,8 +10,10 @@ Each function imports its library itself: `lit-open prepare`'s worker processes 
 
 from __future__ import annotations
 
+import bisect
 import csv
 import functools
+import json
 import multiprocessing
 import os
 import signal
@@ -22,6 +24,8 @@ from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 NEVER = sys.maxsize  # a batch interval Lightning never reaches
 
@@ -190,6 +194,82 @@ def _interrupt_optimize(self: Any, signum: int, frame: Any) -> None:
     for worker in getattr(self, "workers", []):
         worker.terminate()
     raise KeyboardInterrupt
+
+
+def litdata_token_reader(input_dir: str | Path, block_size: int) -> LitdataTokens | None:
+    """The samples of `block_size` tokens of the litdata token chunks in `input_dir`, read in place (sample i is
+    StreamingDataset(input_dir, item_loader=TokensLoader(block_size))[i]); None when the chunks are not plain
+    token arrays (compressed, encrypted, another serializer or item loader): StreamingDataset reads those.
+
+    Why: StreamingDataset maps a chunk file whenever it reads from another chunk than the last (and unmaps that
+    one), so samples in a random order cost a file mapping each, several times the read itself. This reads litdata's
+    chunk layout (litdata/streaming/writer.py `_create_chunk`: uint32 item count N, uint32 offsets[N + 1], then the
+    items' bytes, the tokens of TokensLoader chunks back to back) with the dtype codes of its private
+    `constants._NUMPY_DTYPES_MAPPING`; each chunk's header is checked against index.json when the chunk is first read.
+    """
+    from litdata import constants  # see the module docstring
+
+    index = json.loads((Path(input_dir) / "index.json").read_text())
+    config = index.get("config") or {}
+    data_format = config.get("data_format") or []
+    if (
+        config.get("item_loader") != "TokensLoader"
+        or config.get("compression")
+        or config.get("encryption")
+        or len(data_format) != 1
+        or not str(data_format[0]).startswith("no_header_numpy:")
+    ):
+        return None
+    dtypes = _internal(constants, "_NUMPY_DTYPES_MAPPING", "litdata")
+    return LitdataTokens(Path(input_dir), index["chunks"], dtypes[int(data_format[0].split(":")[1])], block_size)
+
+
+class LitdataTokens:
+    """Samples of litdata TokensLoader chunks by index, one pread each (see `litdata_token_reader`)."""
+
+    def __init__(self, root: Path, chunks: list[dict], dtype: Any, block_size: int) -> None:
+        self.root, self.block_size, self.dtype = root, block_size, np.dtype(dtype)
+        self.chunks = [(c["filename"], int(c["chunk_size"]), int(c["dim"])) for c in chunks]
+        self.starts = [0]  # first sample of each chunk; samples never straddle chunks (TokensLoader's intervals)
+        for _, _, dim in self.chunks:
+            self.starts.append(self.starts[-1] + dim // block_size)
+        self.samples = self.starts[-1]
+        self._files: dict[int, tuple[Any, int]] = {}  # chunk -> (open file, byte offset of its first token)
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __getitem__(self, index: int) -> Any:
+        """Sample `index`: block_size tokens in the chunks' dtype (a read-only array)."""
+        if not 0 <= index < self.samples:
+            raise IndexError(f"sample {index} out of range [0, {self.samples})")
+        c = bisect.bisect_right(self.starts, index) - 1
+        opened = self._files.get(c) or self._open_chunk(c)
+        nbytes = self.block_size * self.dtype.itemsize
+        data = os.pread(opened[0].fileno(), nbytes, opened[1] + (index - self.starts[c]) * nbytes)
+        if len(data) != nbytes:
+            raise RuntimeError(f"{self.root / self.chunks[c][0]} ends inside sample {index}: the file is truncated.")
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def _open_chunk(self, c: int) -> tuple[Any, int]:
+        name, items, dim = self.chunks[c]
+        fh = open(self.root / name, "rb", buffering=0)
+        head = os.pread(fh.fileno(), 8, 0)
+        last = os.pread(fh.fileno(), 4, 4 + 4 * items)
+        count, first = (int.from_bytes(head[i : i + 4], "little") for i in (0, 4)) if len(head) == 8 else (-1, -1)
+        end = int.from_bytes(last, "little") if len(last) == 4 else -1
+        if count != items or first != 4 * (items + 2) or end - first != dim * self.dtype.itemsize:
+            fh.close()
+            raise internal_changed(
+                "litdata",
+                f"the chunk layout of writer.py _create_chunk (found in {self.root / name}: {count} items, "
+                f"data bytes [{first}, {end}); index.json: {items} items of {dim} tokens)",
+            )
+        self._files[c] = (fh, first)
+        return self._files[c]
+
+    def __getstate__(self) -> dict:  # a DataLoader worker opens its own files
+        return {**self.__dict__, "_files": {}}
 
 
 # -- lm-eval --------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`python -m lit_open.bench [throughput | loss-memory | plugin-overhead] [options]`: run one, write JSON.
+"""`python -m lit_open.bench [throughput | loss-memory | plugin-overhead | data] [options]`: run one, write JSON.
 
 With no subcommand (or options only) the throughput benchmark runs. Every run writes `--json PATH` (default
 `bench-<subcommand>.json` in the working directory): the date, the device, the torch / lightning / lit-open
@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "throughput": ("lit_open.bench.throughput", "tokens/s, TFLOP/s, MFU and peak memory: Lightning vs a bare loop"),
     "loss-memory": ("lit_open.bench.loss_memory", "peak memory of the full-logits loss vs the chunked lm_loss"),
     "plugin-overhead": ("lit_open.bench.plugin_overhead", "share of training time inside a plugin's hooks, and an A/B"),
+    "data": ("lit_open.bench.data_loading", "samples/s and tokens/s per DataLoader worker of each data format, memory"),
 }
 
 

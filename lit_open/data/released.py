@@ -27,7 +27,6 @@ the file, the value found and what is accepted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,10 +34,8 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from lit_open.checkpoint.atomic import atomic_file
+from lit_open.data.line_index import line_offsets
 from lit_open.errors import UserError, check_choice
 from lit_open.train.loss import IGNORE_INDEX
 
@@ -49,9 +46,6 @@ _TOKEN_CODES = {1: "<u1", 2: "<i1", 3: "<i2", 4: "<i4", 5: "<i8", 8: "<u2"}
 _SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<of>\d{5})\.bin$")
 _CHECK_CHUNK = 1 << 24  # lengths checked this many at a time (64 MiB of int32)
 _NPY_MAGIC = b"\x93NUMPY"
-_INDEX_VERSION = 1  # llm360 offset index: int64 [version, file size, file mtime_ns, lines, line offsets..., end]
-_INDEX_SUFFIX = ".lit-open-index.npy"
-_SCAN_BYTES = 16 << 20
 
 
 class SampleReader:
@@ -71,6 +65,10 @@ class SampleReader:
         """(file name relative to the source path, sample index within that file), for the data-sequence log."""
         f, local = self._find(index)
         return self.names[f], local
+
+    def chunk_files(self) -> list[tuple[str, int]]:
+        """(file name, samples) per file, in sample order: the chunks of data.order=llm360."""
+        return list(zip(self.names, np.diff(self.starts).tolist()))
 
     def dtype_hint(self) -> str:
         """What to check when ids exceed the vocabulary (see `check_vocab`)."""
@@ -117,7 +115,13 @@ def open_released(
     check_choice(f"{key}.format", fmt, FORMATS)
     path = Path(path).expanduser()
     if not path.exists() and not (fmt == "megatron" and Path(f"{path}.idx").exists()):
-        raise UserError(f"{key}: {path} does not exist (format {fmt!r}).")
+        hint = (
+            ""
+            if path.is_absolute()
+            else " (a relative path: from the working directory, or under data.root=DIR, where the released-data "
+            "presets such as data=amber take their files)"
+        )
+        raise UserError(f"{key}: {path} does not exist (format {fmt!r}){hint}.")
     if fmt == "megatron":
         reader: SampleReader = MegatronReader(path, block_size, key)
     elif fmt == "numpy":
@@ -151,23 +155,26 @@ class _ByteSpace:
         self.sizes = [f.stat().st_size for f in files]
         self.shard_size = self.sizes[0]
         self.total = sum(self.sizes)
-        self._maps: list[np.memmap | None] = [None] * len(files)
+        self._maps: list = [None] * len(files)  # each shard's open file, once read
 
     def shard_of(self, offset: int) -> int:
         return min(offset // self.shard_size, len(self.files) - 1) if self.shard_size else 0
 
     def read(self, offset: int, nbytes: int) -> np.ndarray:
-        """Bytes [offset, offset + nbytes) as a uint8 copy, across shard boundaries."""
+        """Bytes [offset, offset + nbytes) as a (read-only) uint8 copy, across shard boundaries.
+
+        Read with pread: a mapped .bin would keep each page read resident in the process, which a long run's random
+        reads over a corpus of hundreds of GB turn into gigabytes of RSS."""
         parts = []
         while nbytes > 0:
             k = self.shard_of(offset)
             pos = offset - k * self.shard_size
             take = min(nbytes, self.sizes[k] - pos)
             if self._maps[k] is None:
-                self._maps[k] = np.memmap(self.files[k], dtype=np.uint8, mode="r")
-            parts.append(np.array(self._maps[k][pos : pos + take]))
+                self._maps[k] = open(self.files[k], "rb", buffering=0)
+            parts.append(os.pread(self._maps[k].fileno(), take, pos))
             offset, nbytes = offset + take, nbytes - take
-        return np.concatenate(parts) if len(parts) != 1 else parts[0]
+        return np.frombuffer(parts[0] if len(parts) == 1 else b"".join(parts), dtype=np.uint8)
 
 
 class MegatronReader(SampleReader):
@@ -292,6 +299,9 @@ class MegatronReader(SampleReader):
             )
         return np.frombuffer(self.bin.read(pointer, nbytes), dtype=self.dtype).astype(np.int64)
 
+    def chunk_files(self) -> list[tuple[str, int]]:
+        return [(self.idx.name, self.samples)]  # one .idx: one chunk, however many .bin shards hold its bytes
+
     def locate(self, index: int) -> tuple[str, int]:
         """(the .bin file holding the sample's first byte, the sequence number in the .idx)."""
         self._check(index)
@@ -337,7 +347,7 @@ class NumpyReader(SampleReader):
     _handles = ("_maps",)
 
     def _open(self) -> None:
-        self._maps: dict[Path, np.memmap] = {}
+        self._maps: dict = {}  # path -> open file (read() keeps the last 64 files read open)
 
     def _list(self, path: Path) -> tuple[list[Path], list[str]]:
         if path.is_dir():
@@ -366,11 +376,14 @@ class NumpyReader(SampleReader):
 
     def read(self, index: int) -> np.ndarray:
         f, local = self._find(index)
-        data = self._maps.get(self.files[f])
-        if data is None:
-            data = self._maps[self.files[f]] = np.memmap(self.files[f], dtype=self.dtype, mode="r")
+        file = self._maps.get(self.files[f])
+        if file is None:  # read with pread, not mapped (see _ByteSpace.read); at most 64 files open at a time
+            if len(self._maps) >= 64:
+                self._maps.pop(next(iter(self._maps))).close()
+            file = self._maps[self.files[f]] = open(self.files[f], "rb", buffering=0)
+        nbytes = self.seq_len * self.dtype.itemsize
         out = np.empty(self.block_size, dtype=np.int64)
-        out[:-1] = data[local * self.seq_len : (local + 1) * self.seq_len]
+        out[:-1] = np.frombuffer(os.pread(file.fileno(), nbytes, local * nbytes), dtype=self.dtype)
         out[-1] = IGNORE_INDEX
         return out
 
@@ -382,14 +395,6 @@ class NumpyReader(SampleReader):
 def numeric_key(name: str) -> list[object]:
     """Sort key that orders embedded numbers by value: train_2 before train_10 (train_002 and train_2 alike)."""
     return [(0, int(part), part) if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
-
-
-def index_paths(file: Path) -> tuple[Path, Path]:
-    """(sidecar next to the file, its stand-in in the cache for a read-only data directory)."""
-    name = f".{file.name}{_INDEX_SUFFIX}"
-    digest = hashlib.sha256(str(file.parent.resolve()).encode()).hexdigest()[:32]
-    cache = Path(os.environ.get("LIT_OPEN_CACHE") or Path.home() / ".cache" / "lit-open")
-    return file.parent / name, cache / "released-index" / digest / name
 
 
 class JsonlReader(SampleReader):
@@ -442,53 +447,3 @@ class JsonlReader(SampleReader):
     def __del__(self) -> None:
         for fd in getattr(self, "_fds", {}).values():
             os.close(fd)
-
-
-def line_offsets(file: Path) -> np.ndarray:
-    """Byte offset of every line of `file`, then the file size: from a sidecar index, built on first use."""
-    stat = file.stat()
-    header = [_INDEX_VERSION, stat.st_size, stat.st_mtime_ns]
-    local, cached = index_paths(file)
-    for candidate in (local, cached):
-        try:
-            index = np.load(candidate, mmap_mode="r")
-        except (OSError, ValueError, EOFError):  # missing or damaged: built again
-            continue
-        if index.ndim == 1 and len(index) >= 5 and index[:3].tolist() == header and len(index) == index[3] + 5:
-            return index[4:]
-    offsets = scan_lines(file, stat.st_size)
-    index = np.concatenate([np.asarray(header + [len(offsets) - 1], dtype=np.int64), offsets])
-    for target in (local, cached) if os.access(file.parent, os.W_OK) else (cached,):
-        try:
-            _write_atomic(target, index)
-            break
-        except OSError:
-            continue
-    return offsets
-
-
-def scan_lines(file: Path, size: int) -> np.ndarray:
-    """Start offset of every line of `file`, then `size` (int64); a progress bar (bytes) on a terminal."""
-    parts = [np.zeros(1, dtype=np.int64)]
-    console = Console(stderr=True)
-    columns = (TextColumn("indexing {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(
-        *columns, TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal
-    ) as bar:
-        task = bar.add_task(file.name, total=size)
-        with open(file, "rb") as fh:
-            position = 0
-            while chunk := fh.read(_SCAN_BYTES):
-                newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)
-                parts.append(newlines.astype(np.int64) + position + 1)
-                position += len(chunk)
-                bar.update(task, completed=position)
-    offsets = np.concatenate(parts)
-    if offsets[-1] != size:  # a last line without a newline ends at the end of the file
-        offsets = np.append(offsets, size)
-    return offsets
-
-
-def _write_atomic(target: Path, array: np.ndarray) -> None:
-    with atomic_file(target) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, array)

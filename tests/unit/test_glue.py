@@ -142,3 +142,46 @@ def test_a_changed_internal_names_the_library_and_its_version(library, owner, at
     with pytest.raises(glue.InternalChanged, match=rf"{attribute}.*{library} {version(library)}"):
         calls[call]()
     glue._resuming_csv_logger_class.cache_clear()
+
+
+def test_litdata_token_chunks_are_read_in_place_as_streaming_dataset_reads_them(tmp_path):
+    import json
+    import pickle
+    import shutil
+
+    import numpy as np
+    from litdata import StreamingDataset, TokensLoader, optimize
+
+    documents = [np.arange(n, dtype=np.uint16) + 100 * k for k, n in enumerate([50, 7, 300, 64, 129, 33] * 3)]
+    with glue.litdata_optimize_sandbox(tmp_path / "work"):
+        optimize(
+            fn=np.asarray,
+            inputs=documents,
+            output_dir=str(tmp_path / "data"),
+            chunk_size=200,  # tokens: several chunks, each with its unread tail
+            item_loader=TokensLoader(),
+            num_workers=1,
+            mode="overwrite",
+            reorder_files=False,
+            verbose=False,
+        )
+    for block in (9, 33):
+        reader = glue.litdata_token_reader(tmp_path / "data", block)
+        dataset = StreamingDataset(str(tmp_path / "data"), item_loader=TokensLoader(block_size=block))
+        assert len(reader) == len(dataset) > 10
+        for i in range(len(reader)):
+            assert reader[i].dtype == dataset[i].dtype and np.array_equal(reader[i], dataset[i])
+        with pytest.raises(IndexError):
+            reader[len(reader)]
+        clone = pickle.loads(pickle.dumps(reader))  # as a DataLoader worker gets it: it opens its own files
+        assert np.array_equal(clone[len(clone) - 1], dataset[len(dataset) - 1])
+
+    index = json.loads((tmp_path / "data" / "index.json").read_text())
+    shutil.copytree(tmp_path / "data", tmp_path / "changed")
+    index["chunks"][0]["chunk_size"] += 1  # a chunk header that no longer says what index.json says
+    (tmp_path / "changed" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(glue.InternalChanged, match=rf"chunk layout.*litdata {version('litdata')}"):
+        glue.litdata_token_reader(tmp_path / "changed", 9)[0]
+    index["config"]["compression"] = "zstd"  # not plain token arrays: left to StreamingDataset
+    (tmp_path / "changed" / "index.json").write_text(json.dumps(index))
+    assert glue.litdata_token_reader(tmp_path / "changed", 9) is None

@@ -15,7 +15,8 @@ import struct
 import numpy as np
 import pytest
 
-from lit_open.data.released import index_paths, numeric_key, open_released
+from lit_open.data.line_index import index_paths
+from lit_open.data.released import numeric_key, open_released
 from lit_open.errors import UserError
 
 BLOCK = 9  # data.seq_len 8 + 1
