@@ -27,6 +27,9 @@ commands:
             `lit-open convert source=RUN_DIR/checkpoints/step-00000300.ckpt out=DIR [dtype=bfloat16]`
             `lit-open convert source=hf:EleutherAI/pythia-160m@step3000 out=pythia.ckpt`
   report    curves of a run (PNG + HTML), other runs overlaid: `lit-open report run.dir=RUN_DIR [compare=[DIR,...]]`
+  data      the samples of a global batch, and the steps that trained on a sample or a text (no log needed):
+            `lit-open data show run.dir=RUN_DIR step=N [samples=4]`, `... released_step=S` (a released order)
+            `lit-open data locate run.dir=RUN_DIR sample=[SOURCE,INDEX] | file=NAME index=I | contains=TEXT steps=[A,B]`
   list      `lit-open list recipes|models|plugins`
 
 Overrides are Hydra's: key=value, +key=value (add a key), recipe=NAME, model=NAME, plugins=[a,b], +plugins=c.
@@ -68,13 +71,17 @@ def main(argv: list[str] | None = None) -> None:
             from lit_open.commands.convert import convert_command
 
             convert_command(args)
+        elif command == "data":
+            from lit_open.commands.data import data_command
+
+            data_command(args)
         elif command == "report":
             from lit_open.commands.report import report_command
 
             report_command(args)
         else:
             raise UserError(
-                f"Unknown command {command!r}. Commands: train, prepare, eval, convert, report, list "
+                f"Unknown command {command!r}. Commands: train, prepare, eval, convert, report, data, list "
                 "(see lit-open --help)."
             )
     except UserError as err:

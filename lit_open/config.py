@@ -7,6 +7,7 @@ names the key.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -17,6 +18,10 @@ from lit_open.errors import UserError, check_choice
 from lit_open.model.config import ModelConfig
 
 SOURCE_FORMATS = ("litdata", "megatron", "numpy", "llm360")
+DATA_ORDERS = ("mixture", "sequential", "olmo", "llm360")
+CHUNK_SHUFFLES = ("none", "amber")
+# The data keys that define which samples form each global batch: a resumed run cannot change them.
+ORDER_KEYS = ("order", "start_step", "order_seed", "order_first_epoch", "global_indices", "chunk_shuffle")
 NUMPY_TOKEN_DTYPES = ("uint16", "uint32")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -77,6 +82,19 @@ class DataConfig:
     # Tokens attend only within their own document (EOS-delimited) instead of across the packed sequence.
     document_mask: bool = False
     prepare: PrepareConfig | None = None  # when set, builds the sources above on first use if they are missing
+    # Relative source paths are taken under this directory (e.g. where a released corpus was downloaded).
+    root: str | None = None
+    # mixture: lit-open's weighted mixture | a publisher's order, replayed (docs/data.md): sequential (Pythia, K2),
+    # olmo (OLMo's seeded global indices), llm360 (Amber's chunks, one file each, in order)
+    order: str = "mixture"
+    # The released run's step this run continues from: the LR schedule continues there, and a released order's
+    # data too (None: with a released order, where init_from's revision stopped, stepN / stageK-stepS-... / ckpt_N;
+    # else 0). With data.order=mixture it moves the LR schedule only: your data starts at its beginning.
+    start_step: int | None = None
+    order_seed: int | None = None  # olmo: the shuffle's seed (OLMo 2 stage 1: 6198); None: run.seed
+    order_first_epoch: int = 0  # olmo: the first epoch's number, 0 for OLMo's trainer (OLMo 2), 1 for OLMo-core
+    global_indices: str | None = None  # olmo: a global-indices file to replay instead of computing the shuffle
+    chunk_shuffle: str = "none"  # llm360: none (each chunk's lines in file order) | amber (amber-train's draw)
 
 
 @dataclass
@@ -313,6 +331,42 @@ def check_sources(data: DataConfig) -> None:
                     f"data.document_mask=true needs the end-of-document id that `lit-open prepare` records; "
                     f"{key}[{i}] is format={source.format}. Set data.document_mask=false for released formats."
                 )
+    check_order(data)
+
+
+def check_order(data: DataConfig) -> None:
+    """A released order reads its sources as the publisher did: in the listed order, unweighted, one mixture."""
+    check_choice("data.order", data.order, DATA_ORDERS)
+    check_choice("data.chunk_shuffle", data.chunk_shuffle, CHUNK_SHUFFLES)
+    only = {
+        "order_seed": (None, ("olmo",)),
+        "order_first_epoch": (0, ("olmo",)),
+        "global_indices": (None, ("olmo",)),
+        "chunk_shuffle": ("none", ("llm360",)),
+    }
+    for key, (default, orders) in only.items():
+        if getattr(data, key) != default and data.order not in orders:
+            raise UserError(
+                f"data.{key}={getattr(data, key)} applies to data.order={'|'.join(orders)}, not "
+                f"data.order={data.order}; drop it or choose that order."
+            )
+    if data.start_step is not None and data.start_step < 0:
+        raise UserError(f"data.start_step={data.start_step} must be 0 or a positive step.")
+    if data.order == "mixture":
+        return
+    for i, source in enumerate(data.sources):
+        if source.weight != 1.0:
+            raise UserError(
+                f"data.sources[{i}].weight={source.weight}: data.order={data.order} reads the sources one after "
+                "another in the listed order, as the publisher did, without weights. Drop the weights, or use "
+                "data.order=mixture to mix sources by weight."
+            )
+        if data.order == "llm360" and source.format == "litdata":
+            raise UserError(
+                f"data.sources[{i}] is format=litdata, but data.order=llm360 trains released chunk files "
+                "(format=llm360, numpy or megatron) one after another; use data.order=sequential or mixture for "
+                "prepared data."
+            )
 
 
 def validate(cfg: DictConfig | dict) -> TrainConfig:
@@ -342,6 +396,9 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
     check_choice("trainer.precision", typed.trainer.precision, PRECISIONS)
     data = typed.data
     check_sources(data)
+    if data.root is not None:  # a path join, no I/O: relative source paths are under data.root
+        for source in [*data.sources, *data.val_sources]:
+            source.path = os.path.join(os.path.expanduser(data.root), os.path.expanduser(source.path))
     for key in ("seq_len", "micro_batch_size", "global_batch_size"):
         if getattr(data, key) < 1:
             raise UserError(f"data.{key}={getattr(data, key)} must be a positive integer.")

@@ -96,6 +96,19 @@ TINY_MODEL = {
 }
 
 
+# transformers.LlamaConfig arguments of a Hugging Face checkpoint with TINY_MODEL's architecture
+TINY_LLAMA = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+}
+
+
 def tiny_overrides(data: Path, run_dir: Path, model: str = "tiny", **extra: object) -> list[str]:
     """Overrides for a run on `tiny_data` that trains a step in well under a second.
 

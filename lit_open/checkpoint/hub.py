@@ -62,6 +62,17 @@ def resolve_source(source: str, revision: str | None = None) -> tuple[Path, dict
     return _local_source(Path(spec).expanduser(), spec, revision), {}
 
 
+def hub_revision(source: str) -> str | None:
+    """The revision named in `hf:ORG/NAME@REV` (None for another spec, or a hub repo without @REV)."""
+    spec = str(source)
+    if not spec.startswith(HF_PREFIX):
+        return None
+    rest = spec[len(HF_PREFIX) :]
+    if rest.startswith(("/", ".", "~")):
+        return None
+    return rest.partition("@")[2] or None
+
+
 def _local_source(path: Path, spec: str, revision: str | None) -> Path:
     if revision is not None:
         raise UserError(

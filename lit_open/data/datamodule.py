@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_open.config import DataConfig, SourceConfig
 from lit_open.data.manifest import read_manifest
-from lit_open.data.order import PhasedOrder
+from lit_open.data.order import GlobalOrder, PhasedOrder
 from lit_open.data.released import SampleReader, open_released
+from lit_open.data.released_order import ReleasedOrder, build_released_order
 from lit_open.errors import UserError
 from lit_open.model.attention import doc_ids_from_tokens
 
@@ -31,10 +32,30 @@ class Source:
     manifest: dict | None  # what `lit-open prepare` recorded; None for a released format (lit_open.data.released)
     format: str = "litdata"
     dtype: str | None = None
+    # released formats: the reader opened at start-up, for locate() and the chunk files (not sent to workers)
+    reader: SampleReader | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "reader": None}
+
+    def chunk_files(self) -> list[tuple[str, int]]:
+        """(file name, samples) per file of a released source, in sample order; litdata: the whole source."""
+        return self.reader.chunk_files() if self.reader is not None else [(self.path.name, self.samples)]
+
+    def locate(self, index: int) -> tuple[str, int] | None:
+        """(released file, sample index in it) of sample `index`; None for prepared (litdata) data."""
+        return self.reader.locate(index) if self.reader is not None else None
 
     def open(self, block_size: int) -> Any:
         """A reader of this source's samples by index (in each DataLoader worker)."""
         if self.format == "litdata":
+            # the chunks read in place, a pread per sample (StreamingDataset maps a chunk file per sample when the
+            # samples come in a random order); StreamingDataset for chunks that are not plain token arrays
+            from lit_open.glue import litdata_token_reader
+
+            reader = litdata_token_reader(self.path, block_size)
+            if reader is not None:
+                return reader
             # litdata is slow to import; it is needed where the streams are opened (each DataLoader worker)
             from litdata import StreamingDataset, TokensLoader
 
@@ -50,7 +71,7 @@ def open_sources(sources: list[SourceConfig], block_size: int, key: str, vocab_s
         path = Path(source.path).expanduser()
         if source.format != "litdata":
             reader = open_released(source.format, path, block_size, f"{key}[{i}]", source.dtype, vocab_size)
-            opened.append(Source(path, source.weight, reader.samples, None, source.format, source.dtype))
+            opened.append(Source(path, source.weight, reader.samples, None, source.format, source.dtype, reader))
             continue
         index = path / "index.json"
         if not index.is_file():
@@ -74,6 +95,21 @@ def open_sources(sources: list[SourceConfig], block_size: int, key: str, vocab_s
         listing = "; ".join(f"{s.path}: {s.manifest['tokenizer']['sha256'][:12]}" for s in prepared)
         raise UserError(f"The sources under {key} were tokenized with different tokenizers ({listing}).")
     return opened
+
+
+def released_order_of(cfg: DataConfig, sources: list[Source], seed: int) -> ReleasedOrder:
+    """The publisher's order cfg.order over the opened `sources`, from released step cfg.start_step on."""
+    return build_released_order(
+        cfg.order,
+        [s.samples for s in sources],
+        [f for s in sources for f in s.chunk_files()],
+        cfg.global_batch_size,
+        cfg.start_step or 0,
+        seed=seed if cfg.order_seed is None else cfg.order_seed,
+        first_epoch=cfg.order_first_epoch,
+        global_indices=cfg.global_indices,
+        chunk_shuffle=cfg.chunk_shuffle,
+    )
 
 
 def micro_batches_per_step(cfg: DataConfig, data_parallel_size: int) -> int:
@@ -107,33 +143,66 @@ class TokenSamples(Dataset):
         tokens = np.asarray(reader.read(index) if isinstance(reader, SampleReader) else reader[index], dtype=np.int64)
         return {"tokens": torch.from_numpy(tokens), "sample": (source, index), "meta": (data_step, micro, n_micro)}
 
-    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+    def collate(self, items: list[dict[str, Any]]) -> Any:
+        """The batch dict of `items`; in a DataLoader worker, an object that is unpickled as that dict."""
         tokens = torch.stack([item["tokens"] for item in items])
-        data_step, micro, n_micro = items[0]["meta"]
-        doc_ids = {} if self.eos_id is None else {"doc_ids": doc_ids_from_tokens(tokens[:, :-1], self.eos_id)}
+        samples = torch.tensor([item["sample"] for item in items], dtype=torch.long)
+        doc_ids = None if self.eos_id is None else doc_ids_from_tokens(tokens[:, :-1], self.eos_id)
+        if torch.utils.data.get_worker_info() is not None:  # in a DataLoader worker: the batch goes to the trainer
+            arrays = (tokens.numpy(), samples.numpy(), None if doc_ids is None else doc_ids.numpy())
+            return TokenSamples._Pickled(*arrays, items[0]["meta"])
+        return TokenSamples._batch(tokens, samples, doc_ids, items[0]["meta"])
+
+    @staticmethod
+    def _batch(tokens: torch.Tensor, samples: torch.Tensor, doc_ids: torch.Tensor | None, meta: tuple) -> dict:
+        data_step, micro, n_micro = meta
         return {
-            **doc_ids,
+            **({} if doc_ids is None else {"doc_ids": doc_ids}),
             "input_ids": tokens[:, :-1],
             "targets": tokens[:, 1:],
-            "samples": torch.tensor([item["sample"] for item in items], dtype=torch.long),
+            "samples": samples,
             "data_step": data_step,
             "micro": micro,
             "n_micro": n_micro,
         }
 
+    @staticmethod
+    def _unpickle(tokens: np.ndarray, samples: np.ndarray, doc_ids: np.ndarray | None, meta: tuple) -> dict:
+        doc_ids_tensor = None if doc_ids is None else torch.from_numpy(doc_ids)
+        return TokenSamples._batch(torch.from_numpy(tokens), torch.from_numpy(samples), doc_ids_tensor, meta)
+
+    class _Pickled:
+        """A batch on its way out of a DataLoader worker: pickled as its arrays (bytes in the result pipe), it is
+        unpickled as the batch (the same tensors) in the process that receives it.
+
+        Why: torch sends each tensor from a worker through shared memory, the file descriptor of each (three per
+        batch) over a socket with a handshake; on two cores that took about 1 ms per micro-batch of 4 x 2049
+        tokens, several times the reading, and the pipe takes about 0.2 ms.
+        """
+
+        __slots__ = ("arrays",)
+
+        def __init__(self, *arrays: Any) -> None:
+            self.arrays = arrays
+
+        def __reduce__(self) -> tuple:
+            return TokenSamples._unpickle, self.arrays
+
 
 class StepBatchSampler:
-    """This rank's micro-batches of global batches start, start+1, ...: yields lists of sample keys, forever.
+    """This rank's micro-batches of global batches start, start+1, ...: yields lists of sample keys, to the end of
+    the order's data (forever for lit-open's mixture).
 
     `jump_to(step)` moves it forward (after a rollback): the global batches in between are never read. It runs in
     the main process (DataLoader workers only read the samples), so the jump applies from the next micro-batch it
     hands out; batches already handed out are recognised by their data step and dropped by LitLM.
     """
 
-    def __init__(self, order: PhasedOrder, start: int, rank: int, world_size: int, micro_batch_size: int) -> None:
+    def __init__(self, order: GlobalOrder, start: int, rank: int, world_size: int, micro_batch_size: int) -> None:
         self.order, self.start, self.rank, self.world_size = order, start, rank, world_size
         self.micro_batch_size = micro_batch_size
         self._jump: int | None = None
+        self._ended = False
 
     def jump_to(self, step: int) -> None:
         self._jump = step
@@ -143,8 +212,14 @@ class StepBatchSampler:
         return target if target is not None and target > step else None
 
     def __iter__(self):
-        step = self.start
-        while True:
+        step, end = self.start, self.order.data_steps
+        if self._ended:  # Lightning starts another pass when one ends before trainer.max_steps
+            raise UserError(
+                f"The training data ran out after {end} global batches (data.order={self.order.name}): updates "
+                "skipped by plugins used up batches that trainer.max_steps did not count. Lower trainer.max_steps."
+            )
+        # a released order ends with its data: the loader stops there (start-up checked that trainer.max_steps fits)
+        while end is None or step < end:
             samples = self.order.rank_slice(step, self.rank, self.world_size)
             n_micro = len(samples) // self.micro_batch_size
             for micro in range(n_micro):
@@ -157,6 +232,7 @@ class StepBatchSampler:
                 step += 1
                 continue
             step = target
+        self._ended = True
 
 
 class DataModule(L.LightningDataModule):
@@ -175,7 +251,7 @@ class DataModule(L.LightningDataModule):
         self.block_size = cfg.seq_len + 1
         self.train_sources: list[Source] = []  # the sources of every phase, each once
         self.val_sources: list[Source] = []
-        self.order: PhasedOrder | None = None
+        self.order: PhasedOrder | ReleasedOrder | None = None
         self.phase_sources: list[tuple[int, list[int], list[float]]] = []  # (first data step, sources, weights)
         self._sampler: StepBatchSampler | None = None
 
@@ -200,9 +276,17 @@ class DataModule(L.LightningDataModule):
             if len(tokenizers) > 1:
                 keys = ", ".join(key for _, _, key in mixtures)
                 raise UserError(f"The training sources ({keys}) were tokenized with different tokenizers.")
-            self.order = PhasedOrder(
-                [s.samples for s in self.train_sources], self.phase_sources, self.cfg.global_batch_size, self.seed
-            )
+            if self.cfg.order == "mixture":
+                sizes = [s.samples for s in self.train_sources]
+                self.order = PhasedOrder(sizes, self.phase_sources, self.cfg.global_batch_size, self.seed)
+            elif len(self.phase_sources) > 1:
+                keys = ", ".join(key for _, _, key in mixtures[1:])
+                raise UserError(
+                    f"data.order={self.cfg.order} replays a released run's data; it cannot switch to other sources "
+                    f"midway ({keys}). Use data.order=mixture for data phases."
+                )
+            else:
+                self.order = released_order_of(self.cfg, self.train_sources, self.seed)
         if not self.val_sources and self.cfg.val_sources:
             self.val_sources = open_sources(self.cfg.val_sources, self.block_size, "data.val_sources")
 

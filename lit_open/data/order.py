@@ -77,6 +77,8 @@ class GlobalOrder:
     """Global batches as a pure function of the batch number; each data-parallel rank reads a contiguous slice."""
 
     global_batch_size: int
+    name = "mixture"
+    data_steps: int | None = None  # how many global batches the order has (None: it never ends)
 
     def global_batch(self, step: int) -> np.ndarray:
         """The samples of global batch `step`: an int64 array of shape (global_batch_size, 2) of (source, index)."""

@@ -5,6 +5,9 @@ global batch on which sources are mixed with which weights) and one JSON-lines f
 1000 global batches, `NNNNNNNN.jsonl`, with lines `{"data_step": d, "step": s, "samples": [[source, index], ...]}`
 (`data_step`: the global batch; `step`: the optimizer step it fed; `index`: the sample of seq_len + 1 tokens
 within its source, i.e. tokens [index * (seq_len + 1), (index + 1) * (seq_len + 1)) of that source's stream).
+With a released order (data.order, docs/data.md) each line also has `"released_step"`, the publisher's global batch
+number, and with released sources `"files": [[file, index], ...]`, each sample's file and sample (line, instance,
+sequence) index in that file as the publisher numbers them (null for samples of prepared data).
 On resume, entries from the resumed position on are rewritten, so the log always describes the run as it went.
 A global batch whose update a plugin skipped (skip_step, nan_guard: trained on, never applied) gets
 `"update_skipped": "<plugins>"`, the names of the plugins that asked, comma-separated (`"unknown"` when only another
@@ -21,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+
+from lit_open.config import ORDER_KEYS
 
 FILE_STEPS = 1000
 
@@ -76,6 +81,8 @@ class DataSequenceLog(Callback):
                 {"data_step": start, "sources": ids, "weights": weights}
                 for start, ids, weights in datamodule.phase_sources
             ],
+            # how global batches are formed: lit-open's mixture, or a publisher's order replayed from a step
+            "order": {key: getattr(datamodule.cfg, key) for key in ORDER_KEYS},
         }
         (self.directory / "sources.json").write_text(json.dumps(sources, indent=2) + "\n")
         self._truncate(self._written)
@@ -98,14 +105,16 @@ class DataSequenceLog(Callback):
         if not trainer.is_global_zero:
             self._written = run.consumed_batches
             return
-        order = trainer.datamodule.order
+        datamodule = trainer.datamodule
+        released = any(source.reader is not None for source in datamodule.train_sources)
         while self._written < run.consumed_batches:
             data_step = self._written
-            record = {
-                "data_step": data_step,
-                "step": trainer.global_step,
-                "samples": order.global_batch(data_step).tolist(),
-            }
+            samples = datamodule.order.global_batch(data_step).tolist()
+            record = {"data_step": data_step, "step": trainer.global_step, "samples": samples}
+            if datamodule.cfg.order != "mixture":
+                record["released_step"] = (datamodule.cfg.start_step or 0) + data_step
+            if released:  # the publisher's file and sample index of each sample (null: prepared data)
+                record["files"] = [datamodule.train_sources[s].locate(i) for s, i in samples]
             if data_step == skipped_update:
                 record["update_skipped"] = ",".join(run.skipped_by) or "unknown"
             if self._undone[0] <= data_step < self._undone[1]:  # the batch whose update was replaced by the rollback

@@ -312,7 +312,8 @@ class LitLM(L.LightningModule):
     # -- optimizer -----------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
         optimizer = build_optimizer(self.model, self.config.optim)
-        scheduler = build_scheduler(optimizer, self.config.schedule, self.config.trainer.max_steps)
+        cfg = self.config
+        scheduler = build_scheduler(optimizer, cfg.schedule, cfg.trainer.max_steps, cfg.data.start_step or 0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoints ---------------------------------------------------------------------------------------

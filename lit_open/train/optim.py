@@ -135,14 +135,18 @@ def final_factor(cfg: ScheduleConfig) -> float:
     return lr_factor(cfg.total_steps, cfg, cfg.total_steps)
 
 
-def _lambda(epoch: int, cfg: ScheduleConfig, total_steps: int) -> float:
+def _lambda(epoch: int, cfg: ScheduleConfig, total_steps: int, start_step: int) -> float:
     # LambdaLR counts from 0 and applies the factor of `epoch` to the next update, i.e. update number epoch + 1
-    return lr_factor(epoch + 1, cfg, total_steps)
+    return lr_factor(start_step + epoch + 1, cfg, total_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_steps: int):
-    total = cfg.total_steps or max_steps
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_lambda, cfg=cfg, total_steps=total))
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, max_steps: int, start_step: int = 0):
+    """The LR schedule; update n takes the LR of schedule step start_step + n (a replayed released run's
+    data.start_step: it continues the released schedule where its checkpoint stopped)."""
+    total = cfg.total_steps or start_step + max_steps
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(_lambda, cfg=cfg, total_steps=total, start_step=start_step)
+    )
 
 
 def scheduled_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list[float]:

@@ -15,12 +15,14 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 
 from lit_open.checkpoint.atomic import atomic_file
+from lit_open.checkpoint.hub import hub_revision
 from lit_open.checkpoint.resumable import CHECKPOINT_KEY, CheckpointWriter, find_resume_checkpoint, read_checkpoint
 from lit_open.checkpoint.source import apply_init_source, as_resumed_from
 from lit_open.compose import to_yaml
-from lit_open.config import MODEL_PARALLEL_STRATEGIES, TrainConfig, TrainerConfig, run_record
-from lit_open.data.datamodule import DataModule, micro_batches_per_step, open_sources
+from lit_open.config import MODEL_PARALLEL_STRATEGIES, ORDER_KEYS, TrainConfig, TrainerConfig, run_record
+from lit_open.data.datamodule import DataModule, Source, micro_batches_per_step, open_sources, released_order_of
 from lit_open.data.prepare import prepare
+from lit_open.data.released_order import revision_position, start_from_revision
 from lit_open.data.sequence import DataSequenceLog
 from lit_open.data.tokenizer import check_tokenizer_matches, data_tokenizer_file
 from lit_open.errors import UserError
@@ -64,8 +66,9 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
             cfg = apply_init_source(cfg, explicit_model_keys)
         else:  # ... which a resumed run has in its checkpoint: no download, also on a cluster without the hub
             cfg = as_resumed_from(cfg, saved, explicit_model_keys)
+    train_sources = ensure_data(cfg, rank_zero)
+    cfg = with_data_start(cfg, saved, train_sources)
     cfg, planned_before = with_schedule_length(cfg, saved)
-    ensure_data(cfg, rank_zero)
     data_parallel, tensor_parallel = parallel_sizes(cfg)
     check_tensor_parallel(cfg.model, tensor_parallel, cfg.data.seq_len)
     n_micro = micro_batches_per_step(cfg.data, data_parallel)
@@ -267,8 +270,9 @@ def ensure_writable(run_dir: Path) -> None:
         ) from None
 
 
-def ensure_data(cfg: TrainConfig, rank_zero: bool, need_train: bool = True) -> None:
-    """Prepare the sources on first use when the data config says how; wait for rank 0 on other ranks."""
+def ensure_data(cfg: TrainConfig, rank_zero: bool, need_train: bool = True) -> list[Source]:
+    """Prepare the sources on first use when the data config says how (other ranks wait for rank 0); check them
+    all and return the opened training sources."""
     data = cfg.data
     train_sources = data.sources if need_train else []
     # released formats (lit_open.data.released) are read in place; only lit-open's own sources are prepared
@@ -330,6 +334,46 @@ def ensure_data(cfg: TrainConfig, rank_zero: bool, need_train: bool = True) -> N
             f"{cfg.model.padded_vocab_size} embedding rows (model.vocab_size={cfg.model.vocab_size}); "
             f"set model.vocab_size={vocab} or use data tokenized for this model."
         )
+    return sources[: len(train_sources)]
+
+
+def with_data_start(
+    cfg: TrainConfig, saved: dict[str, Any] | None, sources: list[Source], check_span: bool = True
+) -> TrainConfig:
+    """`cfg` with data.start_step fixed: the checkpoint's on resume; else as given, or (a released order) where
+    init_from's revision stopped, else 0. A released order is checked to hold the run's steps unless `check_span`
+    is false."""
+    data = cfg.data
+    revision = hub_revision(cfg.init_from) if cfg.init_from else None
+    if saved is not None and data.start_step is None:  # a changed one is refused by check_resumable
+        start, why = saved["data"].get("start_step") or 0, "the checkpoint's data.start_step"
+    elif data.start_step is not None:
+        start, why = data.start_step, "data.start_step"
+    elif data.order == "mixture":  # lit-open's own order starts at its beginning; only an explicit step moves the LR
+        start, why = 0, "the start"
+    else:
+        files = [f for s in sources for f in s.chunk_files()]
+        start = start_from_revision(revision, data.order, files, data.global_batch_size)
+        why = f"init_from's revision {revision}" if revision_position(revision or "") else "the start"
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(data, start_step=start))
+    if check_span and data.order != "mixture":
+        check_released_span(cfg, sources, why)
+    return cfg
+
+
+def check_released_span(cfg: TrainConfig, sources: list[Source], why: str) -> None:
+    """Refuse a released order whose data ends before trainer.max_steps (`why`: where data.start_step came from)."""
+    data, start = cfg.data, cfg.data.start_step
+    order = released_order_of(data, sources, cfg.run.seed)
+    end = start + cfg.trainer.max_steps
+    if order.steps is not None and end > order.steps:
+        what = "is past the end of" if start >= order.steps else "leaves too few global batches in"
+        raise UserError(
+            f"data.start_step={start} (from {why}) {what} the data: data.order={data.order} over data.sources "
+            f"gives {order.steps:,} global batches of {data.global_batch_size}, and this run needs released steps "
+            f"{start:,}-{end - 1:,} (trainer.max_steps={cfg.trainer.max_steps}). Lower trainer.max_steps to "
+            f"{max(order.steps - start, 0)}, give an earlier data.start_step, or add the missing files."
+        )
 
 
 def check_resumable(cfg: TrainConfig, saved: dict[str, Any]) -> dict[str, list]:
@@ -359,6 +403,16 @@ def check_resumable(cfg: TrainConfig, saved: dict[str, Any]) -> dict[str, list]:
             "or start a new run from these weights with init_from=CHECKPOINT and another run.dir (it reads its own "
             "data order from the start)."
         )
+    order_diff = [k for k in ORDER_KEYS if k in saved["data"] and saved["data"][k] != current["data"][k]]
+    if order_diff:
+        listing = ", ".join(
+            f"data.{k}={saved['data'][k]} in the checkpoint, {current['data'][k]} now" for k in order_diff
+        )
+        raise UserError(
+            f"A resumed run keeps the data order of its checkpoint ({listing}): its data position counts global "
+            "batches of that order. Resume without changing these keys, or start a new run from these weights with "
+            "init_from=CHECKPOINT and another run.dir."
+        )
     return {key: [old, new] for key, (old, new) in _flat_diff(saved, current).items()}
 
 
@@ -367,7 +421,7 @@ def with_schedule_length(cfg: TrainConfig, saved: dict[str, Any] | None) -> tupl
     checkpoint's, unless set to another value (a re-plan). Returns the checkpoint's length when it was re-planned."""
     schedule = cfg.schedule
     if saved is None:
-        total = schedule.total_steps or cfg.trainer.max_steps
+        total = schedule.total_steps or (cfg.data.start_step or 0) + cfg.trainer.max_steps
         return dataclasses.replace(cfg, schedule=dataclasses.replace(schedule, total_steps=total)), None
     # checkpoints from before the length was saved stretched the schedule over their trainer.max_steps
     before = saved["schedule"].get("total_steps") or saved["trainer"]["max_steps"]

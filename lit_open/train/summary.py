@@ -28,20 +28,26 @@ def shell_command(*args: object) -> str:
 def describe_lr(cfg: TrainConfig, step: int, planned_before: int | None) -> str:
     """What the LR does from update `step` + 1 to trainer.max_steps under the run's fixed schedule length."""
     schedule, lr = cfg.schedule, cfg.optim.lr
-    total, end = schedule.total_steps, cfg.trainer.max_steps
+    offset = cfg.data.start_step or 0  # a replayed released run continues the released schedule
+    total, end = schedule.total_steps, offset + cfg.trainer.max_steps
     warmup = f"{schedule.warmup_steps} warmup steps, then " if schedule.warmup_steps else ""
     final = lr * final_factor(schedule)
     text = f"LR: {schedule.name} over {total:,} steps ({warmup}peak {lr:.3g}, final {final:.3g})"
+    if offset:
+        text += (
+            f", continued from released step {offset:,}: step {step + 1:,} takes the LR of schedule step "
+            f"{offset + step + 1:,}, {lr * lr_factor(offset + step + 1, schedule, total):.3g}"
+        )
     if planned_before is not None:
-        old = lr * lr_factor(step + 1, schedule, planned_before)
+        old = lr * lr_factor(offset + step + 1, schedule, planned_before)
         text += (
             f"; re-planned from {planned_before:,} steps by schedule.total_steps: the LR of step {step + 1:,} is "
-            f"{lr * lr_factor(step + 1, schedule, total):.3g} instead of {old:.3g}"
+            f"{lr * lr_factor(offset + step + 1, schedule, total):.3g} instead of {old:.3g}"
         )
     if end > total:
         text += (
-            f"; steps {max(total, step) + 1:,}-{end:,} hold the final LR {final:.3g} (schedule.total_steps={end} "
-            "would re-plan the schedule over all of them)"
+            f"; schedule steps {max(total, offset + step) + 1:,}-{end:,} hold the final LR {final:.3g} "
+            f"(schedule.total_steps={end} would re-plan the schedule over all of them)"
         )
     return text
 
@@ -59,7 +65,12 @@ def print_header(
         f"{trainer.world_size} x {trainer.strategy.root_device.type}\n"
         f"  {cfg.data.global_batch_size} x {cfg.data.seq_len} = {tokens:,} tokens per step "
         f"({micro}); {cfg.trainer.max_steps:,} steps\n"
-        f"  {describe_lr(cfg, step, planned_before)}\n"
+        + (
+            f"  data: the released {cfg.data.order} order (docs/data.md) from released step {cfg.data.start_step:,}\n"
+            if cfg.data.order != "mixture"
+            else ""
+        )
+        + f"  {describe_lr(cfg, step, planned_before)}\n"
         + (
             f"  resuming from {resume_path} (step {step})"
             if resume_path

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import read_metrics, run_cli, tiny_overrides
+from conftest import TINY_LLAMA, read_metrics, run_cli, tiny_overrides
 
 from lit_open.train.events import read_events
 
@@ -22,16 +22,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def hf_source(tiny_data, tmp_path_factory):
     directory = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    config = transformers.LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
+    config = transformers.LlamaConfig(**TINY_LLAMA)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(directory)
     shutil.copy(tiny_data / "tokenizer.json", directory / "tokenizer.json")
