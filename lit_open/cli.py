@@ -9,7 +9,7 @@ import sys
 import traceback
 import warnings
 
-from lit_open.errors import UserError
+from lit_open.errors import EXIT_INTERRUPTED, EXIT_STOPPED, RunInterrupted, RunStopped, UserError
 
 USAGE = """\
 usage: lit-open COMMAND [key=value ...]
@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"Unknown command {command!r}. Commands: train, prepare, eval, convert, report, data, list "
                 "(see lit-open --help)."
             )
+    except RunStopped as err:  # a stop signal or trainer.time_limit: a checkpoint was written
+        print(f"lit-open: {err}", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
+    except RunInterrupted as err:  # Ctrl-C during training
+        print(f"lit-open: {err}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except UserError as err:
         if debug:  # the traceback, with the exception the error was raised from; the status stays 2
             traceback.print_exc()

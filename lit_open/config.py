@@ -8,6 +8,8 @@ names the key.
 from __future__ import annotations
 
 import os
+import re
+import signal
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -31,6 +33,9 @@ MODEL_PARALLEL_STRATEGIES = ("fsdp", "tp", "fsdp_tp")  # built on Lightning's Mo
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
 DEFAULT_MAX_GEN_TOKENS = 32  # new tokens of an lm-eval generation task that does not set max_gen_toks
+UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP", "SIGINT", "SIGCHLD")  # not stop signals: uncatchable, or taken
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 MIXED_PRECISION_DTYPES = ("float32", "bfloat16")  # FSDP2 compute/reduce dtypes (float16 would need loss scaling)
 
 
@@ -157,6 +162,10 @@ class TrainerConfig:
     val_check_interval: int = 100  # optimizer steps between validations; 0: only at the start and the end
     validate_at_start: bool = True
     matmul_precision: str | None = None  # torch.set_float32_matmul_precision on GPUs (e.g. high)
+    # On these signals every rank finishes its optimizer step, writes a checkpoint and exits with status 75.
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # e.g. 3h50m: stop like on a stop signal early enough to write the checkpoint within it (None: no limit)
+    time_limit: str | None = None
 
 
 @dataclass
@@ -369,6 +378,38 @@ def check_order(data: DataConfig) -> None:
             )
 
 
+def parse_duration(text: str, key: str = "trainer.time_limit") -> float:
+    """Seconds of `3h50m`, `90m`, `1d2h`, `45s` or a plain number of seconds."""
+    value = str(text).strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        seconds = float(value)
+    elif value and _DURATION.sub("", value) == "":
+        seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION.findall(value))
+    else:
+        seconds = -1.0
+    if seconds <= 0:
+        raise UserError(
+            f"{key}={text!r} is not a duration: give hours, minutes and seconds such as 3h50m, 90m, 1d2h or 45s "
+            "(or a number of seconds)."
+        )
+    return seconds
+
+
+def check_stop_signals(names: list[str], key: str = "trainer.stop_signals") -> list[signal.Signals]:
+    """The signals named in `names`, each one a run can stop on."""
+    catchable = sorted(s.name for s in signal.valid_signals() if isinstance(s, signal.Signals))
+    catchable = [name for name in catchable if name not in UNCATCHABLE_SIGNALS]
+    found = []
+    for name in names:
+        if name not in catchable:
+            raise UserError(
+                f"{key} has {name!r}, which is not a signal a run can stop on; give names such as SIGTERM, SIGUSR1 "
+                f"(accepted: {', '.join(catchable)}). Ctrl-C (SIGINT) always interrupts."
+            )
+        found.append(signal.Signals[name])
+    return found
+
+
 def validate(cfg: DictConfig | dict) -> TrainConfig:
     """Return the typed config for a composed one, or raise a UserError that names the first problem."""
     typed: TrainConfig = to_typed(TrainConfig, cfg, "config")
@@ -423,6 +464,9 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
     for key in ("keep_last", "keep_every"):
         if getattr(typed.checkpoint, key) < 0:
             raise UserError(f"checkpoint.{key}={getattr(typed.checkpoint, key)} must be 0 (off) or a positive number.")
+    check_stop_signals(typed.trainer.stop_signals)
+    if typed.trainer.time_limit is not None:
+        parse_duration(typed.trainer.time_limit)
     if typed.trainer.val_check_interval < 0:
         raise UserError("trainer.val_check_interval must be 0 (start and end only) or a number of steps.")
     schedule = typed.schedule

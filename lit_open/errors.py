@@ -1,4 +1,5 @@
-"""Errors that are the user's to fix: the CLI prints them as one paragraph and exits with status 2."""
+"""Errors that are the user's to fix (the CLI prints them as one paragraph and exits with status 2), and the early
+ends of a training run with their exit statuses."""
 
 
 class UserError(Exception):
@@ -19,3 +20,18 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message (at most 300 characters), for one-paragraph errors."""
     text = str(err).strip().splitlines()
     return text[0][:300] if text else ""
+
+
+EXIT_STOPPED = (
+    75  # EX_TEMPFAIL: stopped early with a checkpoint (stop signal, trainer.time_limit); resume=auto continues
+)
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+
+
+class RunStopped(Exception):
+    """The run stopped early on a stop signal or its time limit, with a checkpoint (exit status EXIT_STOPPED)."""
+
+
+class RunInterrupted(BaseException):
+    """Ctrl-C during training. A BaseException, so that nothing on the way catches it as an error, and not a
+    KeyboardInterrupt, which Lightning turns into exit status 1 (lit_open.train.stopping)."""

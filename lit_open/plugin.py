@@ -63,6 +63,8 @@ class RunState:
     # train/loss, val/loss and eval/* values by optimizer step, for the summary and plugins
     history: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: {"train/loss": [], "val/loss": []})
     last_metrics: dict[str, float] = field(default_factory=dict)  # the newest value of every logged metric
+    # set when the run stops early (stop signal, trainer.time_limit): the `stop` event's fields
+    stopped: dict[str, Any] | None = None
 
     @property
     def tokens_seen(self) -> int:

@@ -1,6 +1,7 @@
 """chaos: fault rehearsal. At the steps you list it injects a loss spike (random tokens and/or an LR multiplier), a NaN,
-a crash (SIGKILL of every process, once per run directory) or a corrupted checkpoint, each written to events.jsonl
-before it happens, so that a long run's recovery (skip_step, spike_rollback, nan_guard, resume=auto) is tried first.
+a crash (SIGKILL of every process, once per run directory), a corrupted checkpoint or a signal to rank 0 (SIGTERM as
+at a preemption, SIGINT as Ctrl-C; once per run directory), each written to events.jsonl before it happens, so that
+a long run's recovery (skip_step, spike_rollback, nan_guard, resume=auto, stopping on a signal) is tried first.
 What each fault should lead to, and the options: docs/plugins/chaos.md; `lit-open list plugins` shows the defaults.
 """
 
@@ -46,15 +47,23 @@ class Chaos(Plugin):
         corrupt_checkpoint_steps: list[int] = option(
             [], "optimizer steps whose checkpoint is truncated once written (once per run.dir)"
         )
+        signal_steps: list[int] = option(
+            [], "optimizer steps after which global rank 0 sends itself `signal` (once per run.dir), as a scheduler"
+        )
+        signal: str = option("SIGTERM", "the signal of signal_steps: a stop signal (trainer.stop_signals) or SIGINT")
 
         def __post_init__(self) -> None:
-            for key in ("spike_steps", "nan_steps", "crash_steps", "corrupt_checkpoint_steps"):
+            for key in ("spike_steps", "nan_steps", "crash_steps", "corrupt_checkpoint_steps", "signal_steps"):
                 bad = [s for s in getattr(self, key) if s < 0]
                 if bad:
                     raise UserError(
                         f"plugins.chaos.{key}={getattr(self, key)} has negative steps ({', '.join(map(str, bad))}); "
                         "give steps >= 0 (data steps count global batches from 0, optimizer steps updates from 1)."
                     )
+            if self.signal not in [s.name for s in signal.valid_signals() if isinstance(s, signal.Signals)]:
+                raise UserError(
+                    f"plugins.chaos.signal={self.signal!r} is not a signal name; e.g. SIGTERM, SIGUSR1 or SIGINT."
+                )
             if not self.spike_lr_multiplier > 0:  # also refuses nan
                 raise UserError(
                     f"plugins.chaos.spike_lr_multiplier={self.spike_lr_multiplier} must be positive "
@@ -173,6 +182,10 @@ class Chaos(Plugin):
             self.log_event(trainer, pl_module, "chaos", kind="crash", signal="SIGKILL", pid=os.getpid())
             trainer.strategy.barrier("lit_open_chaos_crash")
             _sigkill()  # every rank kills itself: no process is left waiting in a collective
+        if step in self.cfg.signal_steps and step > self._start_step and self._claim(trainer, "signal", step):
+            self.log_event(trainer, pl_module, "chaos", kind="signal", signal=self.cfg.signal, rank=0)
+            if trainer.is_global_zero:  # one rank only: the stop must reach the others through the core
+                os.kill(os.getpid(), signal.Signals[self.cfg.signal])
 
     def _corrupt(self, trainer, pl_module, path: Path) -> None:
         """Truncate the checkpoint file (a sharded one's meta.pt) to half its size; rank 0 only."""

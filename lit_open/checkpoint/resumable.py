@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,20 +67,22 @@ class CheckpointWriter(Callback):
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
         self.keep_every = keep_every
-        self._last_saved = -1
+        self.last_saved = -1  # the step of the newest checkpoint written or resumed from
+        self.longest_save_s: float | None = None  # the slowest save of this session (StopGuard's time limit)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._last_saved = trainer.global_step  # a resumed run does not rewrite the checkpoint it came from
+        self.last_saved = trainer.global_step  # a resumed run does not rewrite the checkpoint it came from
 
     def on_step_end(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        if step != self._last_saved and step % self.every_n_steps == 0:
+        if step != self.last_saved and step % self.every_n_steps == 0:
             self.save(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step != self._last_saved:
+        if trainer.global_step != self.last_saved:
             self.save(trainer, pl_module)
 
     def save(self, trainer: Trainer, pl_module: LightningModule) -> Path:
+        started = time.monotonic()
         step = trainer.global_step
         final = self.directory / checkpoint_name(step)
         tmp = self.directory / f".tmp-{final.name}"
@@ -99,7 +102,8 @@ class CheckpointWriter(Callback):
             pl_module.run.events.write(step, "checkpoint", path=str(final))
             self._prune(step)
         trainer.strategy.barrier("lit_open_checkpoint_done")
-        self._last_saved = step
+        self.last_saved = step
+        self.longest_save_s = max(self.longest_save_s or 0.0, time.monotonic() - started)
         for callback in trainer.callbacks:
             if callable(getattr(callback, "on_checkpoint_saved", None)):
                 callback.on_checkpoint_saved(trainer, pl_module, step, final)
@@ -125,9 +129,9 @@ class CheckpointWriter(Callback):
                 )
         trainer.strategy.barrier("lit_open_rollback_checkpoints")
         if (self.directory / checkpoint_name(rolled_back.to_step)).exists():
-            self._last_saved = rolled_back.to_step  # the restored state is on disk already
+            self.last_saved = rolled_back.to_step  # the restored state is on disk already
         else:
-            self._last_saved = min(self._last_saved, rolled_back.to_step - 1)
+            self.last_saved = min(self.last_saved, rolled_back.to_step - 1)
 
     def _prune(self, step: int) -> None:
         """Delete all but the newest keep_last checkpoints up to `step` (and those at multiples of keep_every).

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -243,9 +245,10 @@ class DataModule(L.LightningDataModule):
     uninterrupted run would have seen, with any number of processes.
     """
 
-    def __init__(self, cfg: DataConfig, seed: int, phases: list[DataPhase] = ()) -> None:
+    def __init__(self, cfg: DataConfig, seed: int, phases: list[DataPhase] = (), stop_signals: list[str] = ()) -> None:
         super().__init__()
         self.cfg = cfg
+        self.stop_signals = list(stop_signals)  # ignored by the DataLoader workers: the main process stops the run
         self.seed = seed
         self.phases = sorted(phases, key=lambda phase: phase.start)  # mixtures after the first (data.sources)
         self.block_size = cfg.seq_len + 1
@@ -333,4 +336,12 @@ class DataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
             prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=functools.partial(_ignore_signals, self.stop_signals) if self.stop_signals else None,
         )
+
+
+def _ignore_signals(names: list[str], worker_id: int) -> None:
+    """A DataLoader worker ignores the run's stop signals: a scheduler signals every process of a job, and a worker
+    that died of one would fail the step the main process finishes before it stops (lit_open.train.stopping)."""
+    for name in names:
+        signal.signal(signal.Signals[name], signal.SIG_IGN)

@@ -25,7 +25,7 @@ from lit_open.data.prepare import prepare
 from lit_open.data.released_order import revision_position, start_from_revision
 from lit_open.data.sequence import DataSequenceLog
 from lit_open.data.tokenizer import check_tokenizer_matches, data_tokenizer_file
-from lit_open.errors import UserError
+from lit_open.errors import RunInterrupted, RunStopped, UserError
 from lit_open.glue import NEVER
 from lit_open.model.config import NON_ARCHITECTURE_KEYS
 from lit_open.parallel import check_tensor_parallel
@@ -34,6 +34,7 @@ from lit_open.train.loggers import build_loggers
 from lit_open.train.module import LitLM
 from lit_open.train.progress import StepProgress
 from lit_open.train.rundir import choose_start
+from lit_open.train.stopping import StopGuard, interrupted_message, stopped_message
 from lit_open.train.summary import console, print_header, print_summary, shell_command, summarize
 
 BATCH_SHAPE_KEYS = ("global_batch_size", "seq_len")  # data keys a resumed run cannot change
@@ -45,6 +46,7 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
     explicit_model_keys: the model keys the user set on the command line (`lit_open.compose.explicit_model_keys`):
     with `init_from`, one that contradicts the source's architecture is refused instead of replaced.
     """
+    started = time.monotonic()  # trainer.time_limit counts from here
     run_dir = Path(cfg.run.dir)
     rank_zero = rank_zero_only.rank == 0  # read from the launcher's environment; valid before the Trainer exists
     plugins = build_plugins(cfg.plugins)  # their options are checked here, before any data is prepared
@@ -82,7 +84,8 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
     if cfg.trainer.matmul_precision:
         torch.set_float32_matmul_precision(cfg.trainer.matmul_precision)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    datamodule = DataModule(cfg.data, cfg.run.seed, [phase for p in plugins for phase in p.data_phases(cfg)])
+    phases = [phase for p in plugins for phase in p.data_phases(cfg)]
+    datamodule = DataModule(cfg.data, cfg.run.seed, phases, cfg.trainer.stop_signals)
     module = LitLM(
         cfg,
         plugins,
@@ -117,6 +120,7 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
             ),
             DataSequenceLog(run_dir / "data_sequence"),
             *plugins,
+            StopGuard(cfg.trainer.stop_signals, cfg.trainer.time_limit, started),  # last: after every on_step_end
         ],
         default_root_dir=run_dir,
         # Under SLURM, Lightning's own requeue would write an hpc_ckpt that it then loads behind lit-open's back;
@@ -161,13 +165,19 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
             trainer.validate(module, datamodule=datamodule, verbose=False)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path)
         val_history = module.run.history["val/loss"]
-        if has_val and (not val_history or val_history[-1][0] != trainer.global_step):
+        stopped = module.run.stopped is not None
+        if has_val and not stopped and (not val_history or val_history[-1][0] != trainer.global_step):
             trainer.validate(module, datamodule=datamodule, verbose=False)
+    except RunInterrupted:
+        events.write(trainer.global_step, "interrupted", signal="SIGINT")
+        raise RunInterrupted(interrupted_message(run_dir)) from None
     finally:
         release_process_group()
     summary = summarize(module.run, trainer, resume_step)
     if trainer.is_global_zero:
         print_summary(summary)
+    if module.run.stopped is not None:
+        raise RunStopped(stopped_message(module.run.stopped, trainer.global_step))
     return summary
 
 
