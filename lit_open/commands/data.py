@@ -104,6 +104,7 @@ class OrderView:
     """A run's global order, its sources opened, ready to show or search."""
 
     def __init__(self, cfg: TrainConfig) -> None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val_sources=[]))  # training data only
         plugins = build_plugins(cfg.plugins)
         cfg = with_plugin_options(cfg, plugins)
         datamodule = DataModule(cfg.data, cfg.run.seed, [phase for p in plugins for phase in p.data_phases(cfg)])
@@ -137,8 +138,8 @@ class OrderView:
         """(source, index) of sample `index` of released file `name`."""
         for s, source in enumerate(self.sources):
             reader = source.reader
-            if reader is None or name not in reader.names:
-                continue
+            if reader is None or name not in {*reader.names, *(n for n, _ in reader.chunk_files())}:
+                continue  # (megatron: the .idx or a .bin shard names the source)
             if source.format == "megatron":  # one sequence numbering over the .idx, whatever .bin holds it
                 return s, index
             f = reader.names.index(name)

@@ -280,3 +280,25 @@ def test_recipes_replay_their_released_data_with_the_presets(overrides, expected
     assert {key: data[key] for key in expected} == expected
     # the publisher's schedule, with its length, so that a start from a released step continues it
     assert cfg.schedule.total_steps is not None or cfg.schedule.name == "constant"
+
+
+def test_data_show_and_locate_read_a_released_layout_without_a_run(tmp_path):
+    from lit_open.commands.data import data_command
+
+    data = tokens(40) % 1000
+    write_mmidx(tmp_path / "document", data)
+    layout = [
+        f"data.sources=[{{path:{tmp_path / 'document'},format:megatron}}]",
+        "data.order=sequential",
+        "data.global_batch_size=4",
+        "data.micro_batch_size=4",
+        f"data.seq_len={BLOCK - 1}",
+        "data.tokenizer=null",  # none beside the files either: samples are shown as token ids
+    ]
+    shown = data_command(["show", *layout, "released_step=3", "samples=0"])
+    assert shown["samples"] == [[0, i] for i in range(12, 16)]
+    assert shown["shown"][0]["file"] == ("document.bin", 12) and shown["shown"][0]["text"] is None  # no tokenizer
+    found = data_command(["locate", *layout, "file=document.idx", "index=13"])
+    assert found["released_steps"] == [3] and found["data_steps"] == [3]
+    with pytest.raises(UserError, match=r"file='train_1.jsonl' is not a file of data.sources"):
+        data_command(["locate", *layout, "file=train_1.jsonl", "index=0"])
