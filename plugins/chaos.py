@@ -1,14 +1,16 @@
 """chaos: fault rehearsal. At the steps you list it injects a loss spike (random tokens and/or an LR multiplier), a NaN,
-a crash (SIGKILL of every process, once per run directory), a corrupted checkpoint or a signal to rank 0 (SIGTERM as
-at a preemption, SIGINT as Ctrl-C; once per run directory), each written to events.jsonl before it happens, so that
-a long run's recovery (skip_step, spike_rollback, nan_guard, resume=auto, stopping on a signal) is tried first.
-What each fault should lead to, and the options: docs/plugins/chaos.md; `lit-open list plugins` shows the defaults.
+a crash (SIGKILL of every process, once per run directory), a corrupted checkpoint, a signal to rank 0 (SIGTERM as
+at a preemption, SIGINT as Ctrl-C; once per run directory) or a slow rank, each written to events.jsonl before it
+happens, so that a long run's recovery (skip_step, spike_rollback, nan_guard, resume=auto, stopping on a signal,
+straggler) is tried first. What each fault should lead to, and the options: docs/plugins/chaos.md; `lit-open list
+plugins` shows the defaults.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,8 @@ class Chaos(Plugin):
             [], "optimizer steps after which global rank 0 sends itself `signal` (once per run.dir), as a scheduler"
         )
         signal: str = option("SIGTERM", "the signal of signal_steps: a stop signal (trainer.stop_signals) or SIGINT")
+        slow_rank: int = option(-1, "a global rank whose every forward pass takes slow_ms longer (-1: none)")
+        slow_ms: float = option(0.0, "milliseconds added to each forward pass of slow_rank, as on a slower GPU")
 
         def __post_init__(self) -> None:
             for key in ("spike_steps", "nan_steps", "crash_steps", "corrupt_checkpoint_steps", "signal_steps"):
@@ -63,6 +67,11 @@ class Chaos(Plugin):
             if self.signal not in [s.name for s in signal.valid_signals() if isinstance(s, signal.Signals)]:
                 raise UserError(
                     f"plugins.chaos.signal={self.signal!r} is not a signal name; e.g. SIGTERM, SIGUSR1 or SIGINT."
+                )
+            if not self.slow_ms >= 0 or (self.slow_rank >= 0) != (self.slow_ms > 0):
+                raise UserError(
+                    f"plugins.chaos.slow_rank={self.slow_rank} and plugins.chaos.slow_ms={self.slow_ms}: give both (a "
+                    "rank >= 0 and milliseconds > 0) to slow a rank down, or neither."
                 )
             if not self.spike_lr_multiplier > 0:  # also refuses nan
                 raise UserError(
@@ -93,6 +102,10 @@ class Chaos(Plugin):
             )
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank == self.cfg.slow_rank:
+            self.log_event(trainer, pl_module, "chaos", kind="slow", rank=self.cfg.slow_rank, ms=self.cfg.slow_ms)
+            seconds = self.cfg.slow_ms / 1000
+            pl_module.model.register_forward_pre_hook(lambda module, args: time.sleep(seconds))
         # read once, before anything can be injected in this session, so that all ranks decide alike
         self._start_step = trainer.global_step
         self._done = set()
