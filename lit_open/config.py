@@ -107,6 +107,9 @@ class CheckpointConfig:
     every_n_steps: int = 1000
     keep_last: int = 3  # older resumable checkpoints are deleted (0: keep all) ...
     keep_every: int = 0  # ... except those at multiples of this step (0: none), e.g. for later analysis
+    # true: training goes on while a checkpoint is written (it waits only for a copy of the state in host memory,
+    # which needs that much free host memory); a checkpoint becomes visible to resume=auto once complete on every rank
+    asynchronous: bool = False
 
 
 @dataclass

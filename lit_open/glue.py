@@ -88,6 +88,29 @@ def validate_after_this_batch(trainer: Any, due: bool) -> None:
     trainer.val_check_batch = batch + 1 if due else NEVER
 
 
+def dump_checkpoint(trainer: Any) -> dict[str, Any]:
+    """The checkpoint dict that `trainer.save_checkpoint` would write, with every checkpoint hook called.
+
+    Why: an asynchronous save (lit_open.checkpoint.background) writes that dict itself, from a host copy, in a
+    background thread; `Trainer.save_checkpoint` builds and writes it in one blocking call.
+    """
+    connector = _internal(trainer, "_checkpoint_connector", "lightning")
+    return _internal(connector, "dump_checkpoint", "lightning")(weights_only=False)
+
+
+def saves_sharded(strategy: Any) -> bool:
+    """Whether `strategy` writes distributed (one shard file per process) checkpoints.
+
+    Why: the asynchronous save writes the same layout as `ModelParallelStrategy.save_checkpoint`, whose choice is
+    the private `_save_distributed_checkpoint`.
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy  # glue is imported without Lightning (prepare)
+
+    return isinstance(strategy, ModelParallelStrategy) and bool(
+        _internal(strategy, "_save_distributed_checkpoint", "lightning")
+    )
+
+
 def resuming_csv_logger(save_dir: str | Path, keep_through: int | None, **kwargs: Any) -> Any:
     """Lightning's CSVLogger, except that a run resumed from step N keeps the rows of steps <= N of metrics.csv.
 

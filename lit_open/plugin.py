@@ -233,6 +233,12 @@ class Plugin(Callback):
         from the restored one.
         """
 
+    def on_checkpoint_written(self, trainer: Trainer, pl_module: LightningModule, step: int, tmp: Path) -> None:
+        """Called on every rank once this rank's part of the checkpoint of `step` is on disk under its temporary
+        name `tmp`, before it is made visible: in the main thread for a synchronous save (after every rank's part is
+        written), in the checkpoint writer's thread for an asynchronous one (checkpoint.asynchronous), where it must
+        not touch training state or run collectives."""
+
     def on_checkpoint_saved(self, trainer: Trainer, pl_module: LightningModule, step: int, path: Path) -> None:
         """Called on every rank once the resumable checkpoint of `step` is complete at `path` and `latest` names it."""
 

@@ -1,9 +1,9 @@
 """chaos: fault rehearsal. At the steps you list it injects a loss spike (random tokens and/or an LR multiplier), a NaN,
-a crash (SIGKILL of every process, once per run directory), a corrupted checkpoint, a signal to rank 0 (SIGTERM as
-at a preemption, SIGINT as Ctrl-C; once per run directory) or a slow rank, each written to events.jsonl before it
-happens, so that a long run's recovery (skip_step, spike_rollback, nan_guard, resume=auto, stopping on a signal,
-straggler) is tried first. What each fault should lead to, and the options: docs/plugins/chaos.md; `lit-open list
-plugins` shows the defaults.
+a crash (SIGKILL of every process, once per run directory), a kill in the middle of a checkpoint write, a corrupted
+checkpoint, a signal to rank 0 (SIGTERM as at a preemption, SIGINT as Ctrl-C; once per run directory) or a slow rank,
+each written to events.jsonl before it happens, so that a long run's recovery (skip_step, spike_rollback, nan_guard,
+resume=auto, stopping on a signal, straggler) is tried first. What each fault should lead to, and the options:
+docs/plugins/chaos.md; `lit-open list plugins` shows the defaults.
 """
 
 from __future__ import annotations
@@ -49,6 +49,12 @@ class Chaos(Plugin):
         corrupt_checkpoint_steps: list[int] = option(
             [], "optimizer steps whose checkpoint is truncated once written (once per run.dir)"
         )
+        checkpoint_kill_steps: list[int] = option(
+            [],
+            "optimizer steps whose checkpoint write kills every process (SIGKILL) once its files are written under "
+            "the temporary name, before it is made visible (once per run.dir); with checkpoint.asynchronous in the "
+            "writer's thread while training goes on",
+        )
         signal_steps: list[int] = option(
             [], "optimizer steps after which global rank 0 sends itself `signal` (once per run.dir), as a scheduler"
         )
@@ -57,7 +63,14 @@ class Chaos(Plugin):
         slow_ms: float = option(0.0, "milliseconds added to each forward pass of slow_rank, as on a slower GPU")
 
         def __post_init__(self) -> None:
-            for key in ("spike_steps", "nan_steps", "crash_steps", "corrupt_checkpoint_steps", "signal_steps"):
+            for key in (
+                "spike_steps",
+                "nan_steps",
+                "crash_steps",
+                "corrupt_checkpoint_steps",
+                "checkpoint_kill_steps",
+                "signal_steps",
+            ):
                 bad = [s for s in getattr(self, key) if s < 0]
                 if bad:
                     raise UserError(
@@ -93,13 +106,14 @@ class Chaos(Plugin):
     # -- checks and state ----------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         every, max_steps = self.run.config.checkpoint.every_n_steps, self.run.config.trainer.max_steps
-        missing = [s for s in self.cfg.corrupt_checkpoint_steps if s % every and s != max_steps]
-        if missing:
-            raise UserError(
-                f"plugins.chaos.corrupt_checkpoint_steps has steps with no checkpoint to corrupt "
-                f"({', '.join(map(str, missing))}): checkpoints are written every checkpoint.every_n_steps="
-                f"{every} steps and at trainer.max_steps={max_steps}."
-            )
+        for key in ("corrupt_checkpoint_steps", "checkpoint_kill_steps"):
+            missing = [s for s in getattr(self.cfg, key) if s % every and s != max_steps]
+            if missing:
+                raise UserError(
+                    f"plugins.chaos.{key} has steps with no checkpoint ({', '.join(map(str, missing))}): "
+                    f"checkpoints are written every checkpoint.every_n_steps={every} steps and at "
+                    f"trainer.max_steps={max_steps}."
+                )
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.global_rank == self.cfg.slow_rank:
@@ -173,11 +187,19 @@ class Chaos(Plugin):
     def lr_multiplier(self, step: int, data_step: int) -> float:
         return self.cfg.spike_lr_multiplier if data_step in self.cfg.spike_steps else 1.0
 
-    # -- after an update: crash; after a checkpoint: corrupt ---------------------------------------------------
+    # -- after an update: crash; while a checkpoint is written: kill; after it: corrupt ------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._nan_hook is not None:
             self._nan_hook.remove()
             self._nan_hook = None
+
+    def on_checkpoint_written(self, trainer, pl_module, step: int, tmp: Path) -> None:
+        # each rank kills itself once its own part is on disk; global rank 0 writes the marker and event first
+        if step in self.cfg.checkpoint_kill_steps and step > self._start_step and self._claim(trainer, "kill", step):
+            self.log_event(
+                trainer, pl_module, "chaos", kind="checkpoint_kill", signal="SIGKILL", path=str(tmp), pid=os.getpid()
+            )
+            _sigkill()
 
     def on_checkpoint_saved(self, trainer, pl_module, step: int, path: Path) -> None:
         if (

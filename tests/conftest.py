@@ -240,6 +240,7 @@ LONGEST_FIRST = (
     "e2e/test_quickstart.py",
     "distributed/test_strategies.py",
     "e2e/test_cli.py",
+    "e2e/test_async_checkpoints.py",
     "plugins/test_spike_rollback.py",
     "e2e/test_finetune.py",
     "unit/test_prepare.py",

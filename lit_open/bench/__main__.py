@@ -1,4 +1,4 @@
-"""`python -m lit_open.bench [throughput | loss-memory | plugin-overhead | data] [options]`: run one, write JSON.
+"""`python -m lit_open.bench [throughput | loss-memory | plugin-overhead | data | checkpoint] [options]`: one, to JSON.
 
 With no subcommand (or options only) the throughput benchmark runs. Every run writes `--json PATH` (default
 `bench-<subcommand>.json` in the working directory): the date, the device, the torch / lightning / lit-open
@@ -31,6 +31,7 @@ SUBCOMMANDS = {
     "loss-memory": ("lit_open.bench.loss_memory", "peak memory of the full-logits loss vs the chunked lm_loss"),
     "plugin-overhead": ("lit_open.bench.plugin_overhead", "share of training time inside a plugin's hooks, and an A/B"),
     "data": ("lit_open.bench.data_loading", "samples/s and tokens/s per DataLoader worker of each data format, memory"),
+    "checkpoint": ("lit_open.bench.checkpointing", "seconds of training blocked per checkpoint: synchronous vs async"),
 }
 
 

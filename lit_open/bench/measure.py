@@ -86,3 +86,19 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 def max_rss_bytes() -> int:
     """The process's resident-set high-water mark (getrusage ru_maxrss: KiB on Linux, bytes on macOS)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def run_settings(seq_len: int, micro_batch: int, steps: int, device: str, every_n_steps: int) -> list[str]:
+    """Overrides of the benchmarks that train whole runs through `lit_open.train.run`: one micro-batch per step, no
+    validation, a CSV logger, a checkpoint every `every_n_steps`."""
+    return [
+        f"data.seq_len={seq_len}",
+        f"data.micro_batch_size={micro_batch}",
+        f"data.global_batch_size={micro_batch}",
+        f"trainer.max_steps={steps}",
+        f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}",
+        "trainer.val_check_interval=0",
+        "trainer.validate_at_start=false",
+        f"checkpoint.every_n_steps={every_n_steps}",
+        "logger=csv",
+    ]

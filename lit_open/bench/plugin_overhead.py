@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 import lit_open.train.runner as train_module
+from lit_open.bench.measure import run_settings
 from lit_open.compose import load_train_config
 from lit_open.errors import UserError
 
@@ -75,15 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("--device cuda: no CUDA device here; use --device cpu.")
     settings = [
         f"model={args.model}",
-        f"data.seq_len={args.seq_len}",
-        f"data.micro_batch_size={args.micro_batch}",
-        f"data.global_batch_size={args.micro_batch}",
-        f"trainer.max_steps={args.steps}",
-        f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
-        "trainer.val_check_interval=0",
-        "trainer.validate_at_start=false",
-        f"checkpoint.every_n_steps={args.steps + 1}",
-        "logger=csv",
+        *run_settings(args.seq_len, args.micro_batch, args.steps, args.device, every_n_steps=args.steps + 1),
         *(o for o in args.overrides if not o.startswith("plugins.")),
     ]
     plugin_options = [o for o in args.overrides if o.startswith("plugins.")]  # only for the run with the plugin

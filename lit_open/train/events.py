@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,17 @@ class EventLog:
     def __init__(self, path: str | Path | None, enabled: bool = True) -> None:
         self.path = Path(path) if path is not None else None
         self.enabled = enabled and self.path is not None
+        self._lock = threading.Lock()  # an asynchronous checkpoint's writer thread writes its event too
 
     def write(self, step: int, event: str, **fields: Any) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), "event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(_encodable(record), default=str, allow_nan=False) + "\n")
+        line = json.dumps(_encodable(record), default=str, allow_nan=False) + "\n"
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(line)
 
 
 def _encodable(value: Any) -> Any:

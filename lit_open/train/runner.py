@@ -117,6 +117,7 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
                 cfg.checkpoint.every_n_steps,
                 cfg.checkpoint.keep_last,
                 cfg.checkpoint.keep_every,
+                cfg.checkpoint.asynchronous,
             ),
             DataSequenceLog(run_dir / "data_sequence"),
             *plugins,

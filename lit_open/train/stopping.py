@@ -85,6 +85,7 @@ class StopGuard(Callback):
         saved = writer.directory / checkpoint_name(step)
         if writer.last_saved != step:
             saved = writer.save(trainer, pl_module)
+        writer.finish(trainer, pl_module)  # an asynchronous save is complete before the run says it stopped
         # seconds since the run started, with the checkpoint written
         details = {"reason": reason, "checkpoint": str(saved), "seconds": round(time.monotonic() - self.started, 2)}
         if reason == "signal":

@@ -229,15 +229,16 @@ def test_a_crash_happens_once_per_run_dir(tiny_data, tmp_path, monkeypatch):
     assert sorted(train_losses(run_dir)) == [1, 2, 3, 4, 5]
 
 
-def test_a_corrupt_step_needs_a_checkpoint_there(tiny_data, tmp_path):
+@pytest.mark.parametrize("key", ["corrupt_checkpoint_steps", "checkpoint_kill_steps"])
+def test_a_corrupt_or_kill_step_needs_a_checkpoint_there(tiny_data, tmp_path, key):
     overrides = tiny_overrides(
         tiny_data,
         tmp_path / "run",
         **{**FAST, "checkpoint.every_n_steps": 2, "trainer.max_steps": 5},
         plugins="[chaos]",
-        **{"plugins.chaos.corrupt_checkpoint_steps": "[3]"},
+        **{f"plugins.chaos.{key}": "[4,3]"},
     )
-    with pytest.raises(UserError, match=r"plugins\.chaos\.corrupt_checkpoint_steps.*3.*every_n_steps=2"):
+    with pytest.raises(UserError, match=rf"plugins\.chaos\.{key} has steps with no checkpoint \(3\).*every_n_steps=2"):
         run(load_train_config(overrides))
 
 

@@ -148,14 +148,19 @@ def test_loss_memory_subcommand_dispatch(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_plugin_overhead_times_the_plugins_hooks_and_both_runs(tiny_data, tmp_path):
-    data = [
+def tiny_data_overrides(tiny_data: Path) -> list[str]:
+    """The benchmarks' runs on the session's tiny corpus, without held-out data."""
+    return [
         f"data.sources=[{{path:{tiny_data}/train}}]",
         "data.val_sources=[]",
         f"data.tokenizer={tiny_data / 'tokenizer.json'}",
         "data.prepare=null",
         "model.vocab_size=512",
     ]
+
+
+def test_plugin_overhead_times_the_plugins_hooks_and_both_runs(tiny_data, tmp_path):
+    data = tiny_data_overrides(tiny_data)
     args = ["plugin-overhead", "--steps", "10", "--repeats", "1", "--seq-len", "32", "--micro-batch", "4"]
     report = main([*args, "--json", str(tmp_path / "overhead.json"), *data, "plugins.monitor.every_n_steps=5"])
     results = report["results"]
@@ -163,3 +168,18 @@ def test_plugin_overhead_times_the_plugins_hooks_and_both_runs(tiny_data, tmp_pa
     assert results["hook_calls"] > 10 and 0 < results["in_hook_share"] < 1
     assert results["ab_time_ratio"] == pytest.approx(results["train_seconds_with"] / results["train_seconds_without"])
     assert json.loads((tmp_path / "overhead.json").read_text())["benchmark"] == "plugin-overhead"
+
+
+def test_checkpoint_bench_times_the_blocked_seconds_of_every_periodic_save_both_ways(tiny_data, tmp_path):
+    data = tiny_data_overrides(tiny_data)
+    model = ["--layers", "2", "--d-model", "64", "--heads", "4", "--d-ff", "128", "--seq-len", "32"]
+    args = ["checkpoint", *model, "--steps", "5", "--every", "2", "--dir", str(tmp_path)]
+    report = main([*args, "--json", str(tmp_path / "checkpoint.json"), *data])
+    results = report["results"]
+    for mode in ("sync", "async"):  # the periodic saves of steps 2 and 4 (not the final one at step 5)
+        assert len(results[mode]["blocked_s"]) == 2 and all(s > 0 for s in results[mode]["blocked_s"])
+        assert results[mode]["write_s_median"] > 0 and results[mode]["checkpoint_bytes"] > 100_000
+    ratio = results["async"]["blocked_s_median"] / results["sync"]["blocked_s_median"]
+    assert results["blocked_ratio_async_over_sync"] == pytest.approx(ratio)
+    assert results["parameters"] == 2 * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 512 * 64 + 64  # tied head
+    assert not list(tmp_path.glob("tmp*"))  # the runs' directories are removed

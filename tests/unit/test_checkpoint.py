@@ -129,3 +129,18 @@ def test_a_sharded_checkpoint_with_a_truncated_or_missing_shard_is_refused(tmp_p
 def _mkdir_parent(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def test_the_host_copy_of_an_asynchronous_save_is_a_snapshot():
+    from collections import namedtuple
+
+    from lit_open.checkpoint.background import host_copy
+
+    Moments = namedtuple("Moments", "mean var")
+    weights = torch.ones(4)
+    state = {"model": {"w": weights}, "optim": [Moments(weights * 2, weights * 3)], "step": 7, "name": "x"}
+    copy = host_copy(state)
+    weights.add_(1.0)  # the next optimizer step
+    assert torch.equal(copy["model"]["w"], torch.ones(4)) and isinstance(copy["optim"][0], Moments)
+    assert torch.equal(copy["optim"][0].var, torch.full((4,), 3.0)) and copy["step"] == 7
+    assert copy["model"]["w"].data_ptr() != weights.data_ptr()

@@ -48,19 +48,24 @@ class CountingModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_the_step_counter_goes_back_and_validation_follows_the_batch_it_is_asked_for(tmp_path):
-    module = CountingModule(rewind_at=2, validate_after=3)
-    trainer = L.Trainer(
-        max_steps=3,
-        val_check_interval=glue.NEVER,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
+def quiet_trainer(root, max_steps: int, **options) -> L.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary."""
+    return L.Trainer(
+        max_steps=max_steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
-        default_root_dir=tmp_path,
+        default_root_dir=root,
+        **options,
+    )
+
+
+def test_the_step_counter_goes_back_and_validation_follows_the_batch_it_is_asked_for(tmp_path):
+    module = CountingModule(rewind_at=2, validate_after=3)
+    trainer = quiet_trainer(
+        tmp_path, 3, val_check_interval=glue.NEVER, check_val_every_n_epoch=None, num_sanity_val_steps=0
     )
     data = DataLoader(torch.randn(64, 2), batch_size=1)
     trainer.fit(module, train_dataloaders=data, val_dataloaders=DataLoader(torch.randn(1, 2), batch_size=1))
@@ -185,3 +190,18 @@ def test_litdata_token_chunks_are_read_in_place_as_streaming_dataset_reads_them(
     index["config"]["compression"] = "zstd"  # not plain token arrays: left to StreamingDataset
     (tmp_path / "changed" / "index.json").write_text(json.dumps(index))
     assert glue.litdata_token_reader(tmp_path / "changed", 9) is None
+
+
+def test_the_checkpoint_dict_is_built_without_writing_and_the_sharded_strategies_are_known(tmp_path):
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    module = CountingModule(rewind_at=0, validate_after=-1)
+    trainer = quiet_trainer(tmp_path, 2)
+    trainer.fit(module, train_dataloaders=DataLoader(torch.randn(8, 2), batch_size=1))
+    checkpoint = glue.dump_checkpoint(trainer)
+    assert checkpoint["global_step"] == 2 and not list(tmp_path.rglob("*.ckpt"))
+    assert torch.equal(checkpoint["state_dict"]["layer.weight"], module.layer.weight)
+    assert len(checkpoint["optimizer_states"]) == 1
+    assert glue.saves_sharded(ModelParallelStrategy(save_distributed_checkpoint=True))
+    assert not glue.saves_sharded(ModelParallelStrategy(save_distributed_checkpoint=False))
+    assert not glue.saves_sharded(DDPStrategy())
