@@ -26,6 +26,7 @@ EXIT_STOPPED = (
     75  # EX_TEMPFAIL: stopped early with a checkpoint (stop signal, trainer.time_limit); resume=auto continues
 )
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+EXIT_HUNG = 124  # the watchdog plugin found a hang (as `timeout` reports one); resume=auto continues
 
 
 class RunStopped(Exception):

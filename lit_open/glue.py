@@ -1,4 +1,5 @@
-"""Every use of a private attribute or a monkeypatch of Lightning, litdata or lm-eval, each behind one named function.
+"""Every use of a private attribute or a monkeypatch of Lightning, litdata, lm-eval or torch, each behind one named
+function.
 
 Nothing else in lit-open touches those libraries' internals. Each function reaches them through `_internal`, so a
 library upgrade that renames or removes one fails at once with a message naming the library, its version and the
@@ -332,3 +333,17 @@ def load_lm_eval_task_yaml(path: Path) -> dict[str, Any]:
     import lm_eval.tasks._yaml_loader as yaml_loader  # see the module docstring
 
     return _internal(yaml_loader, "load_yaml", "lm_eval")(str(path))
+
+
+# -- torch.distributed ----------------------------------------------------------------------------------------------
+
+
+def nccl_flight_record() -> bytes:
+    """The NCCL flight recorder's trace of this process (pickled; `torchfrtrace` reads it), dumped now.
+
+    Why: NCCL dumps it by itself only when a collective times out (TORCH_NCCL_DUMP_ON_TIMEOUT), which the process
+    group's timeout may put long after the watchdog plugin has found the hang; the dump on demand is private.
+    """
+    import torch._C._distributed_c10d as c10d  # glue is imported without torch.distributed's bindings (prepare)
+
+    return _internal(c10d, "_dump_nccl_trace", "torch")()

@@ -10,6 +10,9 @@ packages alike) are selectable as `plugins=[name]`. docs/architecture.md lists e
 from __future__ import annotations
 
 import copy
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,6 +68,18 @@ class RunState:
     last_metrics: dict[str, float] = field(default_factory=dict)  # the newest value of every logged metric
     # set when the run stops early (stop signal, trainer.time_limit): the `stop` event's fields
     stopped: dict[str, Any] | None = None
+    # long work in progress between or inside optimizer steps that is not training: (what, time.monotonic() at its
+    # start), e.g. ("checkpoint", t), ("validation", t), ("lm_eval", t); None while training. Set with `busy`.
+    activity: tuple[str, float] | None = None
+
+    @contextmanager
+    def busy(self, what: str) -> Iterator[None]:
+        """Mark `what` as in progress for the duration of the block (a hang watchdog allows it more time)."""
+        previous, self.activity = self.activity, (what, time.monotonic())
+        try:
+            yield
+        finally:
+            self.activity = previous
 
     @property
     def tokens_seen(self) -> int:

@@ -1,9 +1,9 @@
 """chaos: fault rehearsal. At the steps you list it injects a loss spike (random tokens and/or an LR multiplier), a NaN,
 a crash (SIGKILL of every process, once per run directory), a kill in the middle of a checkpoint write, a corrupted
-checkpoint, a signal to rank 0 (SIGTERM as at a preemption, SIGINT as Ctrl-C; once per run directory) or a slow rank,
-each written to events.jsonl before it happens, so that a long run's recovery (skip_step, spike_rollback, nan_guard,
-resume=auto, stopping on a signal, straggler) is tried first. What each fault should lead to, and the options:
-docs/plugins/chaos.md; `lit-open list plugins` shows the defaults.
+checkpoint, a signal to rank 0 (SIGTERM as at a preemption, SIGINT as Ctrl-C; once per run directory), a hung rank or
+a slow rank, each written to events.jsonl before it happens, so that a long run's recovery (skip_step,
+spike_rollback, nan_guard, resume=auto, stopping on a signal, watchdog, straggler) is tried first. What each fault
+should lead to, and the options: docs/plugins/chaos.md; `lit-open list plugins` shows the defaults.
 """
 
 from __future__ import annotations
@@ -59,6 +59,10 @@ class Chaos(Plugin):
             [], "optimizer steps after which global rank 0 sends itself `signal` (once per run.dir), as a scheduler"
         )
         signal: str = option("SIGTERM", "the signal of signal_steps: a stop signal (trainer.stop_signals) or SIGINT")
+        hang_steps: list[int] = option(
+            [], "optimizer steps at whose first micro-batch hang_rank stops responding (once per run.dir)"
+        )
+        hang_rank: int = option(0, "the global rank that hangs at hang_steps (the others then wait in a collective)")
         slow_rank: int = option(-1, "a global rank whose every forward pass takes slow_ms longer (-1: none)")
         slow_ms: float = option(0.0, "milliseconds added to each forward pass of slow_rank, as on a slower GPU")
 
@@ -70,6 +74,7 @@ class Chaos(Plugin):
                 "corrupt_checkpoint_steps",
                 "checkpoint_kill_steps",
                 "signal_steps",
+                "hang_steps",
             ):
                 bad = [s for s in getattr(self, key) if s < 0]
                 if bad:
@@ -81,6 +86,8 @@ class Chaos(Plugin):
                 raise UserError(
                     f"plugins.chaos.signal={self.signal!r} is not a signal name; e.g. SIGTERM, SIGUSR1 or SIGINT."
                 )
+            if self.hang_rank < 0:
+                raise UserError(f"plugins.chaos.hang_rank={self.hang_rank} must be a global rank (0 or more).")
             if not self.slow_ms >= 0 or (self.slow_rank >= 0) != (self.slow_ms > 0):
                 raise UserError(
                     f"plugins.chaos.slow_rank={self.slow_rank} and plugins.chaos.slow_ms={self.slow_ms}: give both (a "
@@ -149,6 +156,11 @@ class Chaos(Plugin):
         data_step, micro = batch["data_step"], batch["micro"]
         if data_step < self.run.consumed_batches:
             return  # read ahead before a rollback skipped it: it is not trained
+        update = trainer.global_step + 1
+        if micro == 0 and update in self.cfg.hang_steps and self._claim(trainer, "hang", update):
+            self.log_event(trainer, pl_module, "chaos", kind="hang", rank=self.cfg.hang_rank, update=update)
+            if trainer.global_rank == self.cfg.hang_rank:
+                _hang_forever()
         if data_step in self.cfg.spike_steps:
             if micro == 0:
                 self.log_event(
@@ -232,6 +244,12 @@ class Chaos(Plugin):
         with open(target, "r+b") as f:
             f.truncate(size // 2)
             os.fsync(f.fileno())
+
+
+def _hang_forever() -> None:
+    """Stop responding, as a rank stuck in a driver call or a deadlock would (only a signal or a kill ends it)."""
+    while True:
+        time.sleep(3600)
 
 
 def _sigkill() -> None:

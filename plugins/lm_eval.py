@@ -150,7 +150,8 @@ class LMEval(Plugin):
         self._last_step = trainer.global_step
         if self.lm.model is not pl_module.model:  # the module's model was replaced (a restore)
             self.lm = self._adapter(pl_module)
-        outcome = harness().run_tasks(self.lm, self.task_dict, self.cfg.limit)
+        with self.run.busy("lm_eval"):
+            outcome = harness().run_tasks(self.lm, self.task_dict, self.cfg.limit)
         if not trainer.is_global_zero:
             return {}
         scores = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in outcome.metrics.items())

@@ -114,6 +114,10 @@ class CheckpointWriter(Callback):
 
     def save(self, trainer: Trainer, pl_module: LightningModule) -> Path:
         """Write the checkpoint of this step (every rank calls it); with `asynchronous`, return once it is staged."""
+        with pl_module.run.busy("checkpoint"):
+            return self._save(trainer, pl_module)
+
+    def _save(self, trainer: Trainer, pl_module: LightningModule) -> Path:
         entered = time.monotonic()
         self.finish(trainer, pl_module)  # at most one save in flight
         started = time.monotonic()

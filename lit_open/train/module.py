@@ -294,7 +294,11 @@ class LitLM(L.LightningModule):
         self.val_loss.reset()
         self.log_row({"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))})
 
+    def on_validation_start(self) -> None:
+        self.run.activity = ("validation", time.monotonic())
+
     def on_validation_end(self) -> None:
+        self.run.activity = None
         self._step_clock = None  # validation time is not training time: restart the clock at the next step
 
     def log_row(self, row: dict[str, float]) -> None:

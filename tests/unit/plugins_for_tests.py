@@ -58,3 +58,18 @@ class Recorder(Plugin):
 
     def load_state_dict(self, state):
         self.calls.append(f"restored:{state['calls']}")
+
+
+class SlowSave(Plugin):
+    """Makes every synchronous checkpoint save take `seconds` longer (a slow file system)."""
+
+    name = "slow_save"
+
+    @dataclass
+    class Config:
+        seconds: float = 2.5
+
+    def on_checkpoint_written(self, trainer, pl_module, step, tmp):
+        import time  # only this test plugin sleeps
+
+        time.sleep(self.cfg.seconds)

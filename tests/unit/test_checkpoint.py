@@ -1,5 +1,6 @@
 """Atomic checkpoints: a crash while writing leaves the previous state; `resume=auto` finds the newest complete."""
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -34,6 +35,11 @@ class FakeTrainer:
             raise KeyboardInterrupt
 
 
+def fake_module(events: EventLog) -> SimpleNamespace:
+    """The parts of LitLM that CheckpointWriter uses: its run state's event log and `busy`."""
+    return SimpleNamespace(run=SimpleNamespace(events=events, busy=lambda what: contextlib.nullcontext()))
+
+
 def save_at(writer, trainer, module, step):
     trainer.global_step = step
     writer.on_step_end(trainer, module, step)
@@ -43,7 +49,7 @@ def test_checkpoints_are_step_numbered_pruned_and_pointed_at(tmp_path):
     directory = tmp_path / "checkpoints"
     writer = CheckpointWriter(directory, every_n_steps=2, keep_last=2)
     trainer = FakeTrainer()
-    module = SimpleNamespace(run=SimpleNamespace(events=EventLog(tmp_path / "events.jsonl")))
+    module = fake_module(EventLog(tmp_path / "events.jsonl"))
     for step in range(1, 8):
         save_at(writer, trainer, module, step)
     assert [p.name for p in list_checkpoints(directory)] == ["step-00000004.ckpt", "step-00000006.ckpt"]
@@ -58,7 +64,7 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint_in_charge(tmp_path
     directory = tmp_path / "checkpoints"
     writer = CheckpointWriter(directory, every_n_steps=2, keep_last=0)
     trainer = FakeTrainer(fail_at=4)
-    module = SimpleNamespace(run=SimpleNamespace(events=EventLog(None)))
+    module = fake_module(EventLog(None))
     save_at(writer, trainer, module, 2)
     with pytest.raises(KeyboardInterrupt):
         save_at(writer, trainer, module, 4)
