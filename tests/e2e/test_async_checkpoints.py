@@ -16,6 +16,7 @@ import pytest
 from conftest import cli_here, run_cli, tiny_overrides, train_losses
 
 from lit_open.checkpoint.resumable import find_resume_checkpoint, list_checkpoints
+from lit_open.errors import EXIT_STOPPED
 from lit_open.train.events import read_events
 
 STEPS = 6
@@ -128,3 +129,17 @@ def test_two_processes_killed_at_random_moments_continue_exactly(tiny_data, tmp_
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert train_losses(run_dir) == pytest.approx(expected, rel=1e-6, abs=0)
     assert kills_in_writes == 5
+
+
+def test_a_stop_signal_waits_for_the_background_write_of_its_checkpoint(tiny_data, tmp_path, reference):
+    run_dir = tmp_path / "run"
+    args = overrides(tiny_data, run_dir, **{"checkpoint.every_n_steps": 100})
+    stopped = cli_here("train", *args, "plugins=[chaos]", "plugins.chaos.signal_steps=[3]")
+    assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
+    (stop,) = events(run_dir, "stop")
+    (saved,) = events(run_dir, "checkpoint")  # published before the stop event, which names it
+    assert stop["checkpoint"] == saved["path"] and saved["asynchronous"] is True and saved["step"] == 3
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000003.ckpt"
+    resumed = cli_here("train", *args, "plugins=[chaos]", "plugins.chaos.signal_steps=[3]")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert train_losses(run_dir) == pytest.approx(reference, rel=1e-6, abs=0)
