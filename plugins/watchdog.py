@@ -142,7 +142,6 @@ class Watchdog(Plugin):
         """What is in progress now and how long it may go without progress."""
         activity = self.run.activity
         if activity is not None:
-            self._interrupted = True
             return activity[0], self.cfg.activity_timeout_s
         if not self._first_step_done:
             return "first_step", self.cfg.first_step_timeout_s
@@ -159,6 +158,8 @@ class Watchdog(Plugin):
             if activity != seen_activity:  # an activity began or ended: that is progress
                 self._last_progress = max(self._last_progress, time.monotonic())
                 seen_activity = activity
+            if activity is not None:
+                self._interrupted = True  # the step holding it is not a training step's duration
             what, limit = self.limit()
             start = max(self._last_progress, activity[1]) if activity is not None else self._last_progress
             stalled = time.monotonic() - start

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from lit_open import glue
 
@@ -32,15 +33,7 @@ def host_copy(value: Any) -> Any:
     """`value` with every tensor copied to host memory, containers rebuilt: a snapshot that later training steps
     cannot change. Other objects (numbers, strings, RNG states as bytes) are immutable or rebuilt by Lightning's
     `dump_checkpoint` for each checkpoint."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return type(value)((k, host_copy(v)) for k, v in value.items())
-    if isinstance(value, list):
-        return [host_copy(v) for v in value]
-    if isinstance(value, tuple):
-        return type(value)(*map(host_copy, value)) if hasattr(value, "_fields") else tuple(map(host_copy, value))
-    return value
+    return apply_to_collection(value, torch.Tensor, lambda tensor: tensor.detach().to("cpu", copy=True))
 
 
 class CheckpointThread:
