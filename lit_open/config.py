@@ -16,6 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
+from lit_open.context_parallel import check_context_parallel
 from lit_open.errors import UserError, check_choice
 from lit_open.model.config import ModelConfig
 
@@ -145,6 +146,9 @@ class StrategyConfig:
     # fsdp, tp, fsdp_tp: data-parallel x tensor-parallel must equal the number of processes.
     data_parallel_size: int | None = None  # None: processes / tensor_parallel_size
     tensor_parallel_size: int | None = None  # None: 1 for fsdp, all processes for tp, trainer.devices for fsdp_tp
+    # fsdp, tp, fsdp_tp: processes that share each sequence (lit_open/context_parallel.py); data.seq_len must be a
+    # multiple of 2 x context_parallel_size, and data x context x tensor parallel the number of processes.
+    context_parallel_size: int = 1
     activation_checkpointing: str = "none"  # none | full (recompute each block) | selective (keep matmul outputs)
     compile: bool = False  # torch.compile each block
     param_dtype: str | None = None  # fsdp/tp/fsdp_tp compute and all-gather dtype (bfloat16); None: as stored
@@ -429,8 +433,15 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
         value = getattr(strategy, key)
         if value is not None and value < 1:
             raise UserError(f"strategy.{key}={value} must be a positive integer (or null to derive it).")
+    if strategy.context_parallel_size < 1:
+        raise UserError(f"strategy.context_parallel_size={strategy.context_parallel_size} must be a positive integer.")
     if strategy.name not in MODEL_PARALLEL_STRATEGIES:
-        for key, default in (("data_parallel_size", None), ("tensor_parallel_size", None), ("param_dtype", None)):
+        for key, default in (
+            ("data_parallel_size", None),
+            ("tensor_parallel_size", None),
+            ("context_parallel_size", 1),
+            ("param_dtype", None),
+        ):
             if getattr(strategy, key) != default:
                 raise UserError(
                     f"strategy.{key} applies to strategy=fsdp, tp or fsdp_tp, not strategy={strategy.name}; "
@@ -456,6 +467,7 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
             f"data.global_batch_size={data.global_batch_size} must be a multiple of data.micro_batch_size="
             f"{data.micro_batch_size} (times the number of data-parallel processes)."
         )
+    check_context_parallel(typed.data.seq_len, strategy.context_parallel_size, typed.model.attention)
     for key, sources in (("data.sources", data.sources), ("data.val_sources", data.val_sources)):
         for i, source in enumerate(sources):
             if source.weight <= 0:

@@ -112,6 +112,45 @@ def saves_sharded(strategy: Any) -> bool:
     )
 
 
+MESH_DIMS = ("data_parallel", "context_parallel", "tensor_parallel")
+
+
+def model_parallel_strategy(data_parallel: int, context_parallel: int, tensor_parallel: int) -> Any:
+    """Lightning's ModelParallelStrategy on a 3-D device mesh named MESH_DIMS, with distributed checkpoints.
+
+    Why: ModelParallelStrategy builds its 2-D (data_parallel, tensor_parallel) mesh inside `setup_environment`,
+    with no hook for another shape; the subclass builds the 3-D mesh there instead, which takes the private
+    `_setup_distributed` (process-group start) and `_device_mesh` (what `LightningModule.device_mesh` returns).
+    """
+    return _mesh_strategy_class()(data_parallel, context_parallel, tensor_parallel)
+
+
+@functools.cache
+def _mesh_strategy_class() -> type:
+    from lightning.pytorch.strategies import ModelParallelStrategy, ParallelStrategy  # not imported by prepare
+    from torch.distributed.device_mesh import init_device_mesh
+
+    class MeshStrategy(ModelParallelStrategy):
+        def __init__(self, data_parallel: int, context_parallel: int, tensor_parallel: int) -> None:
+            super().__init__(
+                data_parallel_size=data_parallel * context_parallel,
+                tensor_parallel_size=tensor_parallel,
+                save_distributed_checkpoint=True,
+            )
+            self.mesh_shape = (data_parallel, context_parallel, tensor_parallel)
+
+        def setup_environment(self) -> None:
+            ParallelStrategy.setup_environment(self)  # the accelerator's device setup, not the parent's 2-D mesh
+            _internal(self, "_setup_distributed", "lightning")()
+            mesh = init_device_mesh(self.root_device.type, self.mesh_shape, mesh_dim_names=MESH_DIMS)
+            _internal(self, "_device_mesh", "lightning")
+            self._device_mesh = mesh
+            _internal(self.lightning_module, "_device_mesh", "lightning")
+            self.lightning_module._device_mesh = mesh
+
+    return MeshStrategy
+
+
 def resuming_csv_logger(save_dir: str | Path, keep_through: int | None, **kwargs: Any) -> Any:
     """Lightning's CSVLogger, except that a run resumed from step N keeps the rows of steps <= N of metrics.csv.
 
@@ -336,6 +375,15 @@ def load_lm_eval_task_yaml(path: Path) -> dict[str, Any]:
 
 
 # -- torch.distributed ----------------------------------------------------------------------------------------------
+
+
+def flattened_mesh(mesh: Any, dims: tuple[str, ...], name: str) -> Any:
+    """The 1-D mesh over `dims` of `mesh` (e.g. data x context parallel, over which FSDP2 shards), named `name`.
+
+    Why: a 1-D view of several dimensions is what FSDP2 needs to shard over them jointly, and torch builds it only
+    with the private `DeviceMesh._flatten` (as torchtitan does).
+    """
+    return _internal(mesh[dims], "_flatten", "torch")(name)
 
 
 def nccl_flight_record() -> bytes:

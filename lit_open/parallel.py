@@ -1,11 +1,12 @@
 """Parallelism and speed switches, applied to a built Transformer from outside (the model knows nothing of them).
 
 `parallelize` runs, in this order: float8 matmuls (torchao), tensor + sequence parallelism (torch's TP plans on
-the mesh's "tensor_parallel" dimension), activation checkpointing, per-block `torch.compile`, and FSDP2
-`fully_shard` per block and at the root on the "data_parallel" dimension. The model is built on the meta device
-and `materialize` allocates only each process's shard and draws the initial values, so a model larger than one
-device's memory never exists whole anywhere. FSDP2 is applied whenever there is a mesh, also at data-parallel
-size 1, so that every sharded checkpoint can be loaded with another number of processes.
+the mesh's "tensor_parallel" dimension), context parallelism (lit_open.context_parallel: attention that spans the
+sequence shards of the "context_parallel" dimension), activation checkpointing, per-block `torch.compile`, and
+FSDP2 `fully_shard` per block and at the root over the "data_parallel" x "context_parallel" ranks. The model is
+built on the meta device and `materialize` allocates only each process's shard and draws the initial values, so a
+model larger than one device's memory never exists whole anywhere. FSDP2 is applied whenever there is a mesh, also
+at data-parallel size 1, so that every sharded checkpoint can be loaded with another number of processes.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from torch.distributed.tensor.parallel import (
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from lit_open.config import StrategyConfig
+from lit_open.context_parallel import ContextParallel
 from lit_open.dtypes import DTYPES
 from lit_open.errors import UserError
+from lit_open.glue import flattened_mesh
 from lit_open.model import ModelConfig, Transformer
 
 # Prefixes that wrappers add to parameter names: torch.compile of a whole module, checkpoint_wrapper, FSDP1.
@@ -47,8 +50,14 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a v
 logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
 
-def parallelize(model: Transformer, cfg: StrategyConfig, mesh: DeviceMesh | None) -> Transformer:
-    """Apply float8, TP/SP, activation checkpointing, compile and FSDP2 to `model` (on meta or a device)."""
+SHARDING_MESH = "data_context_parallel"  # the flattened data x context-parallel dimensions FSDP2 shards over
+
+
+def parallelize(
+    model: Transformer, cfg: StrategyConfig, mesh: DeviceMesh | None, context_parallel: ContextParallel | None = None
+) -> Transformer:
+    """Apply float8, TP/SP, context parallelism, activation checkpointing, compile and FSDP2 to `model` (on meta or
+    a device). `mesh`: None, or a 3-D mesh named lit_open.glue.MESH_DIMS."""
     tensor_parallel = mesh is not None and mesh["tensor_parallel"].size() > 1
     if cfg.float8 != "none":
         if tensor_parallel:
@@ -59,6 +68,8 @@ def parallelize(model: Transformer, cfg: StrategyConfig, mesh: DeviceMesh | None
         convert_to_float8(model, cfg.float8, fsdp=mesh is not None and mesh["data_parallel"].size() > 1)
     if tensor_parallel:
         apply_tensor_parallel(model, mesh["tensor_parallel"])
+    if context_parallel is not None:
+        context_parallel.install(model)
     if cfg.activation_checkpointing != "none":
         for block in model.layers:
             apply_activation_checkpointing(block, selective=cfg.activation_checkpointing == "selective")
@@ -66,8 +77,20 @@ def parallelize(model: Transformer, cfg: StrategyConfig, mesh: DeviceMesh | None
         for block in model.layers:
             block.compile()
     if mesh is not None:
-        apply_fsdp(model, model.layers, mesh["data_parallel"], cfg)
+        apply_fsdp(model, model.layers, sharding_mesh(mesh), cfg)
     return model
+
+
+def mesh_size(mesh: DeviceMesh | None, dim: str) -> int:
+    """The size of a named dimension of the mesh; 1 without a mesh or without that dimension."""
+    return mesh[dim].size() if mesh is not None and dim in (mesh.mesh_dim_names or ()) else 1
+
+
+def sharding_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D mesh FSDP2 shards over: data parallel, flattened with context parallel when there is any."""
+    if mesh_size(mesh, "context_parallel") == 1:
+        return mesh["data_parallel"]
+    return flattened_mesh(mesh, ("data_parallel", "context_parallel"), SHARDING_MESH)
 
 
 @torch.no_grad()
@@ -92,14 +115,16 @@ def materialize(model: Transformer, device: torch.device, seed: int) -> Transfor
 # -- tensor and sequence parallelism --------------------------------------------------------------------------
 
 
-def check_tensor_parallel(config: ModelConfig, tp: int, seq_len: int) -> None:
-    """Raise a UserError naming the first model size that the tensor-parallel degree does not divide."""
+def check_tensor_parallel(config: ModelConfig, tp: int, seq_len: int, cp: int = 1) -> None:
+    """Raise a UserError naming the first model size that the tensor-parallel degree does not divide (the sequence
+    that sequence parallelism splits is each context-parallel rank's share of it)."""
+    shard = "data.seq_len" if cp == 1 else f"the context-parallel share of data.seq_len={seq_len} (/ {cp})"
     sizes = {
         "model.n_head": config.n_head,
         "model.n_kv_head": config.n_kv_head,
         "model.d_ff": config.d_ff,
         "padded vocabulary (model.vocab_size rounded up to model.pad_vocab_multiple)": config.padded_vocab_size,
-        "data.seq_len (sequence parallelism splits the sequence)": seq_len,
+        f"{shard} (sequence parallelism splits the sequence)": seq_len // cp,
     }
     for what, size in sizes.items():
         if size % tp:
@@ -217,7 +242,8 @@ def apply_activation_checkpointing(block: nn.Module, selective: bool) -> None:
 
 
 def apply_fsdp(model: nn.Module, blocks: Sequence[nn.Module], dp_mesh: DeviceMesh, cfg: StrategyConfig) -> None:
-    """FSDP2 `fully_shard` on each block, then on the root, with the strategy's mixed-precision policy."""
+    """FSDP2 `fully_shard` on each block, then on the root, with the strategy's mixed-precision policy; `dp_mesh` is
+    1-D: the ranks that hold different data or different shares of the sequence (they average their gradients)."""
     policy = MixedPrecisionPolicy(
         param_dtype=DTYPES[cfg.param_dtype] if cfg.param_dtype else None, reduce_dtype=DTYPES[cfg.reduce_dtype]
     )

@@ -54,6 +54,7 @@ class RunState:
     events: EventLog  # events.jsonl (written by global rank 0)
     tokens_per_batch: int  # tokens of one global batch (data.global_batch_size x data.seq_len)
     data_parallel_size: int = 1
+    context_parallel_size: int = 1  # processes that share each sequence (strategy.context_parallel_size)
     tensor_parallel_size: int = 1
     data_parallel_rank: int = 0  # this process's rank among the data-parallel replicas (known once fit starts)
     consumed_batches: int = 0  # the data position: global batches consumed (trained, skipped or jumped over)

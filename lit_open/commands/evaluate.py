@@ -104,7 +104,7 @@ def evaluate(checkpoint: str | Path, overrides: list[str]) -> dict[str, Any]:
         accelerator=cfg.trainer.accelerator,
         devices=1,
         # a sharded checkpoint loads into a sharded model, here of one shard
-        strategy=build_strategy("fsdp" if path.is_dir() else "auto", 1, 1),
+        strategy=build_strategy("fsdp" if path.is_dir() else "auto", 1, 1, 1),
         precision=cfg.trainer.precision,
         logger=False,
         enable_checkpointing=False,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from lit_open.errors import UserError
-from lit_open.model.config import ATTENTION_BACKENDS
+from lit_open.model.config import ATTENTION_BACKENDS, POSITIONED_BACKENDS
 
 try:  # a real import: a source-only install passes find_spec but has no CUDA extension to load
     from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -44,35 +44,51 @@ _REMEDY = {
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto", doc_ids: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    backend: str = "auto",
+    doc_ids: torch.Tensor | None = None,
+    q_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal scaled dot-product attention with grouped-query support and optional document masking.
 
-    q: (B, Hq, T, D); k, v: (B, Hkv, T, D) with Hq a multiple of Hkv. Query head h reads key/value head
-    h // (Hq // Hkv), as in Hugging Face's `repeat_kv`. doc_ids: None, or integer (B, T) document ids on q's device
-    that do not decrease along T; then token t attends to key s only if s <= t and doc_ids[b, s] == doc_ids[b, t].
-    Returns (B, Hq, T, D) in the dtype of q.
+    q: (B, Hq, Tq, D); k, v: (B, Hkv, T, D) with Hq a multiple of Hkv. Query head h reads key/value head
+    h // (Hq // Hkv), as in Hugging Face's `repeat_kv`. doc_ids: None, or integer (B, T) document ids of the keys
+    on q's device that do not decrease along T; then token t attends to key s only if s <= t and
+    doc_ids[b, s] == doc_ids[b, t]. q_positions: None when the queries are the whole sequence (Tq == T), or the
+    (Tq,) int64 positions in it of the queries (a context-parallel shard), for the POSITIONED_BACKENDS.
+    Returns (B, Hq, Tq, D) in the dtype of q.
 
-    `sdpa` with doc_ids runs as `dense`: SDPA's fused causal kernels cannot take a document mask, and refusing
+    `sdpa` with doc_ids or q_positions runs as `dense`: SDPA's fused causal kernels take neither, and refusing
     would break a config that worked before documents were packed. `auto` picks a varlen or flex kernel instead.
     """
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"Unknown attention backend {backend!r}; choose one of: {', '.join(ATTENTION_BACKENDS)}.")
     if q.size(1) % k.size(1):
         raise ValueError(f"{q.size(1)} query heads cannot share {k.size(1)} key/value heads evenly.")
-    if doc_ids is not None and doc_ids.shape != (q.size(0), q.size(2)):
-        raise ValueError(f"doc_ids has shape {tuple(doc_ids.shape)}; expected (batch, time) {(q.size(0), q.size(2))}.")
+    if q_positions is None and q.size(2) != k.size(2):
+        raise ValueError(f"{q.size(2)} queries and {k.size(2)} keys: give q_positions when q is part of the sequence.")
+    if doc_ids is not None and doc_ids.shape != (k.size(0), k.size(2)):
+        raise ValueError(f"doc_ids has shape {tuple(doc_ids.shape)}; expected (batch, time) {(k.size(0), k.size(2))}.")
     backward = any(t.requires_grad for t in (q, k, v))
+    if q_positions is not None and backend not in POSITIONED_BACKENDS:
+        raise UserError(
+            f"model.attention={backend} cannot attend from a shard of the sequence (context parallelism); use one of "
+            f"{', '.join(POSITIONED_BACKENDS)}."
+        )
     if backend == "auto":
-        backend = _fastest(q, doc_ids is not None, backward)
-    elif backend == "sdpa" and doc_ids is not None:
+        backend = _fastest(q, doc_ids is not None, backward, positioned=q_positions is not None)
+    elif backend == "sdpa" and (doc_ids is not None or q_positions is not None):
         backend = "dense"
     elif reason := _why_unavailable(backend, q.device, q.dtype, backward):
         raise UserError(
             f"model.attention={backend} cannot run here: {reason}. To use it, {_REMEDY[backend]}; or set "
             "model.attention=auto (the fastest kernel available here) or model.attention=dense (runs anywhere)."
         )
-    return _BACKENDS[backend](q, k, v, doc_ids)
+    if q_positions is None:
+        return _BACKENDS[backend](q, k, v, doc_ids)
+    return _POSITIONED[backend](q, k, v, doc_ids, q_positions)
 
 
 def available_backends(
@@ -112,13 +128,17 @@ def _why_unavailable(backend: str, device: torch.device, dtype: torch.dtype, bac
     return None
 
 
-def _fastest(q: torch.Tensor, has_docs: bool, backward: bool) -> str:
+def _fastest(q: torch.Tensor, has_docs: bool, backward: bool, positioned: bool = False) -> str:
     """`auto`: the fused kernels first; flex only on CUDA, where it is compiled (eager flex is a slow reference).
 
     Without document masking SDPA comes first: on Hopper it dispatches to cuDNN attention, measured about twice
-    as fast as flash-attention 2 (notes/libraries.md, section 6).
+    as fast as flash-attention 2 (notes/libraries.md, section 6). Queries at positions (a context-parallel shard)
+    take flex on CUDA, whose block mask skips the masked blocks, else an explicit mask.
     """
-    order = ("flash_attn", "varlen", "flex", "dense") if has_docs else ("sdpa",)
+    if positioned:
+        order = ("flex", "dense")
+    else:
+        order = ("flash_attn", "varlen", "flex", "dense") if has_docs else ("sdpa",)
     return next(
         name
         for name in order
@@ -186,13 +206,20 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
 
 
-def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
-    """The reference: explicit scores in float32, runs on any device and dtype."""
+def _math(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    doc_ids: torch.Tensor | None,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The reference: explicit scores in float32, runs on any device and dtype (`allowed`: the mask, if not causal)."""
     groups = q.size(1) // k.size(1)
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     scores = (q.float() @ k.float().transpose(-2, -1)) * q.size(-1) ** -0.5
-    scores = scores.masked_fill(~_allowed(doc_ids, q.size(2), q.device), float("-inf"))
+    allowed = _allowed(doc_ids, q.size(2), q.device) if allowed is None else allowed
+    scores = scores.masked_fill(~allowed, float("-inf"))
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
@@ -202,6 +229,23 @@ def _allowed(doc_ids: torch.Tensor | None, T: int, device: torch.device) -> torc
     if doc_ids is None:
         return causal
     return causal & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+
+
+def _allowed_at(doc_ids: torch.Tensor | None, q_positions: torch.Tensor, T: int) -> torch.Tensor:
+    """Which of T keys the queries at `q_positions` may see: (Tq, T) causal, or (B, 1, Tq, T) with documents."""
+    causal = torch.arange(T, device=q_positions.device)[None, :] <= q_positions[:, None]
+    if doc_ids is None:
+        return causal
+    return causal & (doc_ids[:, None, q_positions, None] == doc_ids[:, None, None, :])
+
+
+def _dense_at(q, k, v, doc_ids: torch.Tensor | None, q_positions: torch.Tensor) -> torch.Tensor:
+    mask = _allowed_at(doc_ids, q_positions, k.size(2))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
+
+
+def _math_at(q, k, v, doc_ids: torch.Tensor | None, q_positions: torch.Tensor) -> torch.Tensor:
+    return _math(q, k, v, doc_ids, _allowed_at(doc_ids, q_positions, k.size(2)))
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
@@ -247,6 +291,40 @@ def _block_mask(doc_ids: torch.Tensor | None, T: int, device: torch.device) -> B
     return _last_block_mask[2]
 
 
+def _flex_at(q, k, v, doc_ids: torch.Tensor | None, q_positions: torch.Tensor) -> torch.Tensor:
+    """FlexAttention for queries at positions of the key sequence: the mask looks each query's position up."""
+    block_mask = _block_mask_at(doc_ids, q_positions, k.size(2))
+    attend = _compiled_flex_attention() if q.is_cuda else _eager_flex_attention
+    return attend(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
+
+
+_last_block_mask_at: tuple[torch.Tensor | None, torch.Tensor, BlockMask] | None = None
+
+
+@torch.compiler.disable
+def _block_mask_at(doc_ids: torch.Tensor | None, q_positions: torch.Tensor, T: int) -> BlockMask:
+    """The block mask of queries at `q_positions`, kept for the (doc_ids, q_positions) tensors it came from, which
+    every layer of a forward passes again (as `_block_mask`)."""
+    global _last_block_mask_at
+    last = _last_block_mask_at
+    if last is not None and last[0] is doc_ids and last[1] is q_positions:
+        return last[2]
+    if doc_ids is None:
+
+        def allowed(b, h, q_idx, kv_idx):
+            return kv_idx <= q_positions[q_idx]
+    else:
+
+        def allowed(b, h, q_idx, kv_idx):
+            position = q_positions[q_idx]
+            return (kv_idx <= position) & (doc_ids[b, kv_idx] == doc_ids[b, position])
+
+    batch = None if doc_ids is None else doc_ids.size(0)
+    mask = create_block_mask(allowed, batch, None, q_positions.numel(), T, q_positions.device)
+    _last_block_mask_at = (doc_ids, q_positions, mask)
+    return mask
+
+
 @functools.lru_cache(maxsize=8)
 def _causal_block_mask(T: int, device: torch.device) -> BlockMask:
     """The plain causal block mask for a length, shared by the whole batch and every head."""
@@ -261,3 +339,4 @@ _BACKENDS = {
     "dense": _dense,
     "math": _math,
 }
+_POSITIONED = {"flex": _flex_at, "dense": _dense_at, "math": _math_at}

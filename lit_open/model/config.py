@@ -13,8 +13,19 @@ NORM_PLACEMENTS = ("pre", "post")
 QK_NORMS = ("none", "full", "head")
 MLPS = ("swiglu", "gelu")
 ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa", "varlen", "flex", "dense", "math")
+# Backends that attend from queries at given positions of a longer key sequence (context parallelism).
+POSITIONED_BACKENDS = ("auto", "sdpa", "flex", "dense", "math")
 # Keys that do not define the weights: a run may set them whatever its checkpoint or init_from source says.
-NON_ARCHITECTURE_KEYS = ("name", "attention", "max_seq_len", "init_std", "init_cutoff", "init_scale_output")
+# rope_theta and max_seq_len are what a long-context stage changes (RoPE's base frequency, the context length).
+NON_ARCHITECTURE_KEYS = (
+    "name",
+    "attention",
+    "max_seq_len",
+    "rope_theta",
+    "init_std",
+    "init_cutoff",
+    "init_scale_output",
+)
 
 
 @dataclass

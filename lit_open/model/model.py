@@ -35,18 +35,27 @@ class Transformer(nn.Module):
         self.init_weights()
 
     def forward(
-        self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, return_hidden: bool = False
+        self,
+        input_ids: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        return_hidden: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (batch, seq, padded vocab); or, with return_hidden, the final-normed hidden states (batch, seq,
         d_model), for a loss that applies `self.output` chunk by chunk (lit_open.train.loss). doc_ids (batch, seq):
-        tokens attend only to earlier tokens with the same id (packed documents); None: plain causal."""
-        T = input_ids.size(1)
+        tokens attend only to earlier tokens with the same id (packed documents); None: plain causal. positions:
+        None for a whole sequence, or the (seq,) positions of the tokens given when they are a shard of a longer
+        sequence (context parallelism, whose `Attention.attend` sees the rest)."""
+        T = input_ids.size(1) if positions is None else int(positions.max()) + 1
         if T > self.config.max_seq_len:
             raise ValueError(
                 f"Got a sequence of {T} tokens but the model's context is model.max_seq_len="
                 f"{self.config.max_seq_len}; use shorter sequences or a larger max_seq_len."
             )
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        if positions is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.tok_embeddings(input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, doc_ids)
@@ -154,6 +163,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
         self.head_dim = config.head_dim
         self.backend = config.attention
+        # The kernel call, replaced from outside by parallelisms that shard the sequence (lit_open.context_parallel).
+        self.attend = causal_attention
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None = None
@@ -169,7 +180,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.backend, doc_ids)
+        y = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.backend, doc_ids)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

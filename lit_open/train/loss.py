@@ -27,6 +27,7 @@ class LossOutput:
     loss: torch.Tensor  # scalar float32: mean cross-entropy over the non-ignored tokens (with grad)
     logsumexp: torch.Tensor  # (N,) float32 log-partition of every token, ignored ones included (with grad); z-loss
     tokens: torch.Tensor  # 0-dim int64: non-ignored tokens, the denominator of `loss`
+    sum: torch.Tensor  # scalar float32: the cross-entropy summed over the non-ignored tokens (with grad)
 
 
 def lm_loss(
@@ -100,4 +101,4 @@ def _mean_over_valid(
     ce_sum: torch.Tensor, logsumexp: torch.Tensor, targets: torch.Tensor, ignore_index: int
 ) -> LossOutput:
     tokens = (targets != ignore_index).sum()  # a tensor: reading it as a number would stall the GPU every step
-    return LossOutput(loss=ce_sum / tokens, logsumexp=logsumexp, tokens=tokens)
+    return LossOutput(loss=ce_sum / tokens, logsumexp=logsumexp, tokens=tokens, sum=ce_sum)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,11 @@ from torchmetrics import MeanMetric
 from lit_open.checkpoint.resumable import CHECKPOINT_KEY
 from lit_open.checkpoint.source import open_source, read_weights
 from lit_open.config import TrainConfig, run_record
+from lit_open.context_parallel import ContextParallel
 from lit_open.errors import UserError
 from lit_open.glue import validate_after_this_batch
 from lit_open.model import Transformer
-from lit_open.parallel import after_optimizer_step, check_tensor_parallel, materialize, parallelize
+from lit_open.parallel import after_optimizer_step, check_tensor_parallel, materialize, mesh_size, parallelize
 from lit_open.plugin import Plugin, RunState, StepOutputs
 from lit_open.train.events import EventLog
 from lit_open.train.loss import LossOutput, lm_loss
@@ -53,6 +56,7 @@ class LitLM(L.LightningModule):
         run_dir: str | Path | None = None,
         init_from: str | None = None,
         data_parallel_size: int = 1,
+        context_parallel_size: int = 1,
         tensor_parallel_size: int = 1,
     ) -> None:
         super().__init__()
@@ -62,6 +66,7 @@ class LitLM(L.LightningModule):
         self.plugins = list(plugins)
         self.automatic_optimization = False
         self.model: Transformer | None = None
+        self.context_parallel: ContextParallel | None = None  # set in configure_model when the mesh has cp > 1
         run_dir = Path(run_dir) if run_dir is not None else None
         self.run = RunState(
             config=config,
@@ -69,6 +74,7 @@ class LitLM(L.LightningModule):
             events=EventLog(run_dir / "events.jsonl" if run_dir is not None else None),
             tokens_per_batch=config.data.global_batch_size * config.data.seq_len,
             data_parallel_size=data_parallel_size,
+            context_parallel_size=context_parallel_size,
             tensor_parallel_size=tensor_parallel_size,
         )
         for plugin in self.plugins:
@@ -100,8 +106,11 @@ class LitLM(L.LightningModule):
         for plugin in self.plugins:
             plugin.on_model_built(model)
         if mesh is not None:
-            check_tensor_parallel(model_config, mesh["tensor_parallel"].size(), self.config.data.seq_len)
-        parallelize(model, self.config.strategy, mesh)
+            cp = mesh_size(mesh, "context_parallel")
+            check_tensor_parallel(model_config, mesh["tensor_parallel"].size(), self.config.data.seq_len, cp)
+            if cp > 1:
+                self.context_parallel = ContextParallel(mesh["context_parallel"].get_group())
+        parallelize(model, self.config.strategy, mesh, self.context_parallel)
         self.model = materialize(model, self.trainer.strategy.root_device, self.config.run.seed)
         if self.init_from:
             self._load_initial_weights()
@@ -142,9 +151,25 @@ class LitLM(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, doc_ids)
 
+    @contextmanager
+    def sequence_shard(self, batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """This process's share of the batch's sequences under context parallelism (else the batch), for one
+        forward and backward pass inside the block."""
+        if self.context_parallel is None:
+            yield batch
+            return
+        with self.context_parallel.sharded(batch) as local:
+            yield local
+
     def compute_loss(self, batch: dict[str, Any]) -> LossOutput:
-        hidden = self.model(batch["input_ids"], batch.get("doc_ids"), return_hidden=True)
-        return lm_loss(hidden, self.model.output, batch["targets"], self.config.strategy.loss_chunk_tokens)
+        """The loss of a batch, or of a `sequence_shard` of one: then the whole sequences' loss on every rank."""
+        hidden = self.model(
+            batch["input_ids"], batch.get("doc_ids"), return_hidden=True, positions=batch.get("positions")
+        )
+        out = lm_loss(hidden, self.model.output, batch["targets"], self.config.strategy.loss_chunk_tokens)
+        if self.context_parallel is not None and self.context_parallel.active:
+            out = self.context_parallel.whole_sequence_loss(out)
+        return out
 
     # -- training ------------------------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -184,13 +209,14 @@ class LitLM(L.LightningModule):
             return  # read ahead before a rollback moved the data position past it: skipped, not trained
         if self._step_clock is None:  # the first step, or the first after a validation (not training time)
             self._step_clock = time.perf_counter()
-        out = self.compute_loss(batch)
-        loss = out.loss
-        terms: dict[str, torch.Tensor] = {}
-        for plugin in self.plugins:
-            terms.update(plugin.loss_terms(StepOutputs(loss=loss, logsumexp=out.logsumexp, batch=batch)))
-        total = loss + sum(terms.values()) if terms else loss
-        self.manual_backward(total / batch["n_micro"])
+        with self.sequence_shard(batch) as batch:
+            out = self.compute_loss(batch)
+            loss = out.loss
+            terms: dict[str, torch.Tensor] = {}
+            for plugin in self.plugins:
+                terms.update(plugin.loss_terms(StepOutputs(loss=loss, logsumexp=out.logsumexp, batch=batch)))
+            total = loss + sum(terms.values()) if terms else loss
+            self.manual_backward(total / batch["n_micro"])
         for name, value in {"loss": loss, **terms}.items():
             self._step_sums[name] = self._step_sums.get(name, 0.0) + value.detach() / batch["n_micro"]
         if batch["micro"] + 1 == batch["n_micro"]:
@@ -284,7 +310,8 @@ class LitLM(L.LightningModule):
         validate_after_this_batch(self.trainer, due)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        out = self.compute_loss(batch)
+        with self.sequence_shard(batch) as batch:
+            out = self.compute_loss(batch)
         self.val_loss.update(out.loss.detach(), weight=out.tokens)
 
     def on_validation_epoch_end(self) -> None:

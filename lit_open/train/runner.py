@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 from lit_open.checkpoint.atomic import atomic_file
 from lit_open.checkpoint.hub import hub_revision
@@ -26,7 +26,7 @@ from lit_open.data.released_order import revision_position, start_from_revision
 from lit_open.data.sequence import DataSequenceLog
 from lit_open.data.tokenizer import check_tokenizer_matches, data_tokenizer_file
 from lit_open.errors import RunInterrupted, RunStopped, UserError
-from lit_open.glue import NEVER
+from lit_open.glue import NEVER, model_parallel_strategy
 from lit_open.model.config import NON_ARCHITECTURE_KEYS
 from lit_open.parallel import check_tensor_parallel
 from lit_open.plugin import Plugin, build_plugins
@@ -71,8 +71,8 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
     train_sources = ensure_data(cfg, rank_zero)
     cfg = with_data_start(cfg, saved, train_sources)
     cfg, planned_before = with_schedule_length(cfg, saved)
-    data_parallel, tensor_parallel = parallel_sizes(cfg)
-    check_tensor_parallel(cfg.model, tensor_parallel, cfg.data.seq_len)
+    data_parallel, context_parallel, tensor_parallel = parallel_sizes(cfg)
+    check_tensor_parallel(cfg.model, tensor_parallel, cfg.data.seq_len, context_parallel)
     n_micro = micro_batches_per_step(cfg.data, data_parallel)
     changed = check_resumable(cfg, saved) if saved is not None else {}
     del resumed, saved  # only its metadata was needed; Lightning loads the checkpoint itself
@@ -92,13 +92,14 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
         run_dir,
         init_from=cfg.init_from if resume_path is None else None,
         data_parallel_size=data_parallel,
+        context_parallel_size=context_parallel,
         tensor_parallel_size=tensor_parallel,
     )
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=cfg.trainer.num_nodes,
-        strategy=build_strategy(cfg.strategy.name, data_parallel, tensor_parallel),
+        strategy=build_strategy(cfg.strategy.name, data_parallel, context_parallel, tensor_parallel),
         precision=cfg.trainer.precision,
         max_steps=cfg.trainer.max_steps,
         max_epochs=-1,
@@ -131,9 +132,10 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
     )
     events = module.run.events
     events.enabled = events.enabled and trainer.is_global_zero
-    if data_parallel * tensor_parallel != trainer.world_size:
+    processes = data_parallel * context_parallel * tensor_parallel
+    if processes != trainer.world_size:
         raise UserError(
-            f"The run is configured for {data_parallel * tensor_parallel} processes (trainer.devices="
+            f"The run is configured for {processes} processes (trainer.devices="
             f"{cfg.trainer.devices} x trainer.num_nodes={cfg.trainer.num_nodes}) but the launcher started "
             f"{trainer.world_size}. Make trainer.devices equal the processes per node (torchrun --nproc-per-node, "
             "srun --ntasks-per-node) and trainer.num_nodes the number of nodes."
@@ -157,6 +159,7 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
             world_size=trainer.world_size,
             strategy=cfg.strategy.name,
             data_parallel_size=data_parallel,
+            context_parallel_size=context_parallel,
             tensor_parallel_size=tensor_parallel,
         )
 
@@ -230,33 +233,34 @@ def processes_per_node(trainer: TrainerConfig) -> int:
     raise UserError(f"trainer.devices={devices!r}: give a number of devices per node, a list of device ids or auto.")
 
 
-def parallel_sizes(cfg: TrainConfig) -> tuple[int, int]:
-    """(data-parallel size, tensor-parallel size) of the run; their product is the number of processes."""
+def parallel_sizes(cfg: TrainConfig) -> tuple[int, int, int]:
+    """(data-parallel, context-parallel, tensor-parallel size) of the run; their product is the number of processes."""
     per_node = processes_per_node(cfg.trainer)
     world = per_node * cfg.trainer.num_nodes
     strategy = cfg.strategy
     if strategy.name not in MODEL_PARALLEL_STRATEGIES:
-        return world, 1
-    default_tp = {"fsdp": 1, "tp": world, "fsdp_tp": per_node}[strategy.name]
+        return world, 1, 1
+    cp = strategy.context_parallel_size
+    default_tp = {"fsdp": 1, "tp": max(world // cp, 1), "fsdp_tp": per_node}[strategy.name]
     tp = strategy.tensor_parallel_size or default_tp
-    dp = strategy.data_parallel_size or max(world // tp, 1)
-    if dp * tp != world:
+    dp = strategy.data_parallel_size or max(world // (tp * cp), 1)
+    if dp * cp * tp != world:
         raise UserError(
-            f"strategy={strategy.name} with data_parallel_size={dp} x tensor_parallel_size={tp} = {dp * tp} "
-            f"processes, but the run has {world} (trainer.devices={cfg.trainer.devices} x trainer.num_nodes="
-            f"{cfg.trainer.num_nodes}). Make the product equal the number of processes, or leave one size null."
+            f"strategy={strategy.name} with data_parallel_size={dp} x context_parallel_size={cp} x "
+            f"tensor_parallel_size={tp} = {dp * cp * tp} processes, but the run has {world} (trainer.devices="
+            f"{cfg.trainer.devices} x trainer.num_nodes={cfg.trainer.num_nodes}). Make the product equal the number "
+            "of processes, or leave data_parallel_size or tensor_parallel_size null to derive it."
         )
-    return dp, tp
+    return dp, cp, tp
 
 
-def build_strategy(name: str, data_parallel: int, tensor_parallel: int) -> Strategy | str:
+def build_strategy(name: str, data_parallel: int, context_parallel: int, tensor_parallel: int) -> Strategy | str:
     if name == "ddp":
         return DDPStrategy()
     if name in MODEL_PARALLEL_STRATEGIES:
-        # Distributed checkpoints: one shard file per process, loadable with another number of processes.
-        return ModelParallelStrategy(
-            data_parallel_size=data_parallel, tensor_parallel_size=tensor_parallel, save_distributed_checkpoint=True
-        )
+        # A (data, context, tensor)-parallel mesh; distributed checkpoints: one shard file per process, loadable
+        # with another number of processes.
+        return model_parallel_strategy(data_parallel, context_parallel, tensor_parallel)
     return "auto"
 
 

@@ -163,7 +163,7 @@ def test_group_size_applies_to_int4_only_and_exclude_patterns_select_layers():
 def test_tensor_parallelism_and_float8_are_refused_at_start_up(overrides, message):
     def setup(overrides: list[str]) -> None:
         cfg, plugin = load_train_config(["plugins=[qat]", *overrides]), QAT()
-        bind_run(plugin, config=cfg, tensor_parallel_size=parallel_sizes(cfg)[1])  # as train.run gives LitLM
+        bind_run(plugin, config=cfg, tensor_parallel_size=parallel_sizes(cfg)[2])  # as train.run gives LitLM
         plugin.setup(None, None, "fit")
 
     with pytest.raises(UserError, match=message):

@@ -212,3 +212,29 @@ def test_the_nccl_flight_record_dumps_on_demand():
 
     record = pickle.loads(glue.nccl_flight_record())  # no NCCL group here: the trace's envelope, no entries
     assert "version" in record and not record.get("entries")
+
+
+class MeshModule(CountingModule):
+    """Records the device mesh the strategy gives configure_model, and FSDP2's flattened view of it."""
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh
+        self.mesh = (mesh.mesh_dim_names, tuple(mesh.shape))
+        flat = glue.flattened_mesh(mesh, ("data_parallel", "context_parallel"), "data_context_parallel")
+        self.flat = (flat.mesh_dim_names, flat.size())
+
+
+def test_the_model_parallel_strategy_builds_the_three_dimensional_mesh(tmp_path):
+    from lit_open.train.runner import release_process_group
+
+    module = MeshModule(rewind_at=0, validate_after=-1)
+    strategy = glue.model_parallel_strategy(1, 1, 1)
+    try:
+        quiet_trainer(tmp_path, 1, strategy=strategy, devices=1).fit(
+            module, train_dataloaders=DataLoader(torch.randn(4, 2), batch_size=1)
+        )
+    finally:
+        release_process_group()
+    assert module.mesh == (glue.MESH_DIMS, (1, 1, 1)) and module.batches == 1
+    assert module.flat == (("data_context_parallel",), 1)
+    assert glue.saves_sharded(strategy)

@@ -104,11 +104,22 @@ def test_tensor_parallel_sizes_must_divide_the_model():
 @pytest.mark.parametrize(
     ("overrides", "sizes"),
     [
-        (["strategy=fsdp", "trainer.devices=4"], (4, 1)),
-        (["strategy=tp", "trainer.devices=4"], (1, 4)),
-        (["strategy=fsdp_tp", "trainer.devices=4", "trainer.num_nodes=2"], (2, 4)),
-        (["strategy=fsdp_tp", "trainer.devices=4", "strategy.tensor_parallel_size=2"], (2, 2)),
-        (["strategy=ddp", "trainer.devices=3"], (3, 1)),
+        (["strategy=fsdp", "trainer.devices=4"], (4, 1, 1)),
+        (["strategy=tp", "trainer.devices=4"], (1, 1, 4)),
+        (["strategy=fsdp_tp", "trainer.devices=4", "trainer.num_nodes=2"], (2, 1, 4)),
+        (["strategy=fsdp_tp", "trainer.devices=4", "strategy.tensor_parallel_size=2"], (2, 1, 2)),
+        (["strategy=ddp", "trainer.devices=3"], (3, 1, 1)),
+        (["strategy=fsdp", "trainer.devices=4", "strategy.context_parallel_size=2"], (2, 2, 1)),
+        (["strategy=tp", "trainer.devices=4", "strategy.context_parallel_size=2"], (1, 2, 2)),
+        (
+            [
+                "strategy=fsdp_tp",
+                "trainer.devices=8",
+                "strategy.context_parallel_size=2",
+                "strategy.tensor_parallel_size=2",
+            ],
+            (2, 2, 2),
+        ),
     ],
 )
 def test_parallel_sizes(overrides, sizes):
@@ -117,8 +128,13 @@ def test_parallel_sizes(overrides, sizes):
 
 def test_parallel_sizes_that_do_not_multiply_to_the_process_count_are_refused():
     cfg = load_train_config(["strategy=fsdp_tp", "trainer.devices=4", "strategy.data_parallel_size=3"])
-    with pytest.raises(UserError, match="data_parallel_size=3 x tensor_parallel_size=4"):
+    with pytest.raises(UserError, match="data_parallel_size=3 x context_parallel_size=1 x tensor_parallel_size=4"):
         parallel_sizes(cfg)
+    cp = load_train_config(
+        ["strategy=fsdp", "trainer.devices=4", "strategy.context_parallel_size=3", "data.seq_len=192"]
+    )
+    with pytest.raises(UserError, match="context_parallel_size=3 .* = 3 processes, but the run has 4"):
+        parallel_sizes(cp)
     with pytest.raises(UserError, match="strategy.tensor_parallel_size applies to strategy=fsdp, tp or fsdp_tp"):
         load_train_config(["strategy=ddp", "+strategy.tensor_parallel_size=2"])
 
