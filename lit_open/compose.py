@@ -35,6 +35,7 @@ from lit_open.config import (
     validate,
 )
 from lit_open.errors import UserError, check_choice
+from lit_open.model.config import NON_ARCHITECTURE_KEYS
 
 CONFIG_MODULE = "lit_open.conf"
 PLUGIN_ENTRY_POINT_GROUP = "lit_open.plugins"
@@ -227,10 +228,25 @@ def _leaf_keys(schema: type, prefix: str = "") -> list[str]:
 
 
 def explicit_model_keys(overrides: list[str]) -> frozenset[str]:
-    """The model keys given on the command line (`model` itself for `model=PRESET`): with init_from, these must
-    agree with the source's architecture, while the others are taken from it."""
+    """The model keys given on the command line (`model` itself for `model=PRESET`), and the stage keys
+    (NON_ARCHITECTURE_KEYS, e.g. a long-context stage's rope_theta and max_seq_len) that the chosen recipe's own
+    body sets: with init_from, these must agree with the source's architecture or, for stage keys, replace the
+    source's values, while the others are taken from the source."""
     keys = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
-    return frozenset(k for k in keys if k == "model" or k.startswith("model."))
+    explicit = {k for k in keys if k == "model" or k.startswith("model.")}
+    recipe = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "recipe"), None)
+    if recipe is not None:
+        explicit |= {f"model.{k}" for k in recipe_stage_keys(recipe)}
+    return frozenset(explicit)
+
+
+def recipe_stage_keys(recipe: str) -> list[str]:
+    """The NON_ARCHITECTURE_KEYS under `model:` in the recipe file itself (not in what its defaults bring)."""
+    path = files(CONFIG_MODULE) / "recipe" / f"{recipe}.yaml"
+    if not path.is_file():
+        return []
+    body = OmegaConf.load(str(path)).get("model") or {}
+    return [key for key in body if key in NON_ARCHITECTURE_KEYS]
 
 
 def _normalize(overrides: list[str], plugins: dict[str, dict[str, Any]]) -> list[str]:

@@ -5,12 +5,21 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from lit_open.compose import group_options, load_command_config, load_train_config, to_yaml
+from lit_open.compose import explicit_model_keys, group_options, load_command_config, load_train_config, to_yaml
 from lit_open.errors import UserError
 from lit_open.model import Transformer, num_parameters
 from lit_open.plugin import build_plugins
 
-RECIPES = ["quickstart", "olmo2_1b", "olmo2_7b", "amber_7b", "k2_65b", "pythia_160m"]
+RECIPES = [
+    "quickstart",
+    "olmo2_1b",
+    "olmo2_7b",
+    "amber_7b",
+    "k2_65b",
+    "pythia_160m",
+    "k2_65b_long",
+    "olmo2_7b_long",
+]
 EXPECTED_PARAMS = {  # equal to transformers' models (tests/parity/test_param_counts.py)
     "olmo2_1b": 1_484_916_736,
     "olmo2_7b": 7_298_617_344,
@@ -43,6 +52,50 @@ def test_recipe_values_come_through_and_overrides_win():
     assert (cfg.schedule.warmup_steps, cfg.data.seq_len, cfg.trainer.precision) == (4000, 4096, "bf16-mixed")
     assert (cfg.optim.lr, cfg.trainer.max_steps) == (1e-4, 10)
     assert cfg.optim.decay_norms and not cfg.optim.decay_embeddings
+
+
+@pytest.mark.parametrize(
+    "recipe,init_from,seq_len,rope_theta,batch,lr,schedule,steps,cp,document_mask",
+    [
+        # K2 stage 2 from the last stage-1 checkpoint: 69.3B tokens at stage 1's 4,177,920 tokens per step, at the
+        # 8K context and RoPE base of LLM360/K2-Chat's config.json, 8-way TP x 4-way context parallelism
+        ("k2_65b_long", "hf:LLM360/K2@ckpt_360", 8192, 500000.0, 510, 1.5e-5, ("constant", 0, None), 16588, 4, False),
+        # OLMo 2 7B at 64K (OLMo-core OLMo2-7B-long-context.py): 64 x 64K tokens, lr 1e-5, cosine with 2000 warmup
+        # steps to 10%, intra-document masks, 8-way context parallelism, theta unchanged
+        (
+            "olmo2_7b_long",
+            "hf:allenai/OLMo-2-1124-7B",
+            65536,
+            500000.0,
+            64,
+            1e-5,
+            ("cosine", 2000, 0.1),
+            11921,
+            8,
+            True,
+        ),
+    ],
+)
+def test_long_context_recipes_compose_with_their_published_values(
+    recipe, init_from, seq_len, rope_theta, batch, lr, schedule, steps, cp, document_mask
+):
+    cfg = load_train_config([f"recipe={recipe}"])
+    assert cfg.init_from == init_from
+    assert (cfg.data.seq_len, cfg.model.max_seq_len, cfg.model.rope_theta) == (seq_len, seq_len, rope_theta)
+    assert (cfg.data.global_batch_size, cfg.data.micro_batch_size) == (batch, 1)
+    assert cfg.optim.lr == lr and cfg.trainer.max_steps == steps and cfg.schedule.total_steps is None
+    name, warmup, min_lr_ratio = schedule
+    assert (cfg.schedule.name, cfg.schedule.warmup_steps) == (name, warmup)
+    assert min_lr_ratio is None or cfg.schedule.min_lr_ratio == min_lr_ratio
+    assert (cfg.strategy.context_parallel_size, cfg.data.document_mask) == (cp, document_mask)
+    assert cfg.data.seq_len % (2 * cp) == 0
+    # the stage keys in the recipe's body replace those of init_from's config.json (2048 / 4096 positions)
+    assert {"model.max_seq_len", "model.rope_theta"} <= explicit_model_keys([f"recipe={recipe}"])
+    # overrides still win (e.g. K2's stage 2 at its released 2048-token context)
+    released = load_train_config(
+        [f"recipe={recipe}", "data.seq_len=2048", "model.max_seq_len=2048", "strategy.context_parallel_size=1"]
+    )
+    assert (released.data.seq_len, released.strategy.context_parallel_size) == (2048, 1)
 
 
 @pytest.mark.parametrize("recipe", ["olmo2_1b", "olmo2_7b"])

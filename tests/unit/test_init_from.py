@@ -57,6 +57,10 @@ def test_the_source_defines_the_architecture_and_an_explicit_conflict_is_refused
     assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.vocab_size) == (2, 64, 512)
     cfg = resolved([*base, f"init_from={checkpoint}", "model.attention=math"])  # not an architecture key
     assert cfg.model.attention == "math"
+    # a long-context stage's settings: the run's when given, the source's otherwise
+    stage = [*base, f"init_from={checkpoint}", "model.rope_theta=40000", "model.max_seq_len=128", "data.seq_len=128"]
+    assert (resolved(stage).model.rope_theta, resolved(stage).model.max_seq_len) == (40000.0, 128)
+    assert resolved([*base, f"init_from={checkpoint}"]).model.rope_theta == 10000.0
     with pytest.raises(UserError, match=r"model.n_layer=3 \(the source has 2\)"):
         resolved([*base, f"init_from={checkpoint}", "model.n_layer=3"])
     with pytest.raises(UserError, match="init_from='/nowhere.ckpt': no such checkpoint"):
@@ -79,7 +83,9 @@ def test_retention_keeps_the_last_k_plus_every_nth(tmp_path):
         load_train_config(["checkpoint.keep_every=-1"])
 
 
-@pytest.mark.parametrize("recipe", ["amber_7b_continue", "olmo2_1b_midtrain", "pythia_160m_finetune"])
+@pytest.mark.parametrize(
+    "recipe", ["amber_7b_continue", "olmo2_1b_midtrain", "pythia_160m_finetune", "k2_65b_long", "olmo2_7b_long"]
+)
 def test_fine_tuning_recipes_compose_and_say_how_to_work_offline(recipe, monkeypatch):
     cfg = load_train_config([f"recipe={recipe}", "init_from=null"])  # everything but the download
     assert cfg.run.name == recipe and cfg.trainer.max_steps > 0
