@@ -241,6 +241,7 @@ LONGEST_FIRST = (
     "distributed/test_strategies.py",
     "e2e/test_cli.py",
     "e2e/test_async_checkpoints.py",
+    "distributed/test_context_parallel.py",
     "plugins/test_spike_rollback.py",
     "e2e/test_finetune.py",
     "unit/test_prepare.py",

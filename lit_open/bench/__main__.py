@@ -1,8 +1,8 @@
-"""`python -m lit_open.bench [throughput | loss-memory | plugin-overhead | data | checkpoint] [options]`: one, to JSON.
+"""`python -m lit_open.bench [throughput | loss-memory | plugin-overhead | data | checkpoint | memory] [options]`.
 
-With no subcommand (or options only) the throughput benchmark runs. Every run writes `--json PATH` (default
-`bench-<subcommand>.json` in the working directory): the date, the device, the torch / lightning / lit-open
-versions, the command line, the benchmark's config and its results.
+One benchmark, to JSON. With no subcommand (or options only) the throughput benchmark runs. Every run writes
+`--json PATH` (default `bench-<subcommand>.json` in the working directory): the date, the device, the torch /
+lightning / lit-open versions, the command line, the benchmark's config and its results.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ SUBCOMMANDS = {
     "plugin-overhead": ("lit_open.bench.plugin_overhead", "share of training time inside a plugin's hooks, and an A/B"),
     "data": ("lit_open.bench.data_loading", "samples/s and tokens/s per DataLoader worker of each data format, memory"),
     "checkpoint": ("lit_open.bench.checkpointing", "seconds of training blocked per checkpoint: synchronous vs async"),
+    "memory": ("lit_open.bench.memory", "per-GPU memory of training a preset, estimated; --measure checks it on CPU"),
 }
 
 

@@ -196,8 +196,9 @@ SETUPS = {  # name -> (processes, strategy overrides)
 
 
 @pytest.fixture(scope="module")
-def short_documents(tmp_path_factory) -> Path:
-    """400 documents of 10-40 tokens, so that 64-token rows pack several and they cross every shard boundary."""
+def short_documents(tiny_data, tmp_path_factory) -> Path:
+    """400 documents of about 10-40 tokens, so that 64-token rows pack several and they cross every shard boundary
+    (tokenized with the session's tiny BPE: no tokenizer to train)."""
     from lit_open.config import PrepareConfig
     from lit_open.data.prepare import prepare
 
@@ -206,12 +207,18 @@ def short_documents(tmp_path_factory) -> Path:
     corpus.mkdir()
     words = Path(torch.__file__).read_text().split()
     for i in range(400):
-        (corpus / f"{i:03d}.txt").write_text(" ".join(words[i * 7 : i * 7 + 5 + i % 20]))
+        (corpus / f"{i:03d}.txt").write_text(" ".join(words[i * 7 : i * 7 + 3 + i % 8]))
     prepare(
         PrepareConfig(
-            inputs=[str(corpus)], output=str(root / "prepared"), vocab_size=512, val_fraction=0.1, num_workers=1
+            inputs=[str(corpus)],
+            output=str(root / "prepared"),
+            tokenizer=str(tiny_data / "tokenizer.json"),
+            val_fraction=0.1,
+            num_workers=1,
         )
     )
+    manifest = json.loads((root / "prepared" / "train" / "manifest.json").read_text())
+    assert manifest["tokens"] / manifest["documents"] < 40  # every 64-token row holds parts of several documents
     return root / "prepared"
 
 
