@@ -121,6 +121,7 @@ class ContextParallel:
             self.active = False
             self._gathered_doc_ids = None
 
+    @torch.compiler.disable  # collectives and Python state; a compiled block calls it eagerly (flex compiles itself)
     def attend(
         self,
         q: torch.Tensor,
