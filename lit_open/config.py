@@ -143,7 +143,7 @@ class StrategyConfig:
     """How the model is spread over processes, and the memory/speed switches applied to it (lit_open.parallel)."""
 
     name: str = "auto"  # auto | ddp | fsdp | tp | fsdp_tp
-    # fsdp, tp, fsdp_tp: data-parallel x tensor-parallel must equal the number of processes.
+    # fsdp, tp, fsdp_tp: data-parallel x context-parallel x tensor-parallel must equal the number of processes.
     data_parallel_size: int | None = None  # None: processes / tensor_parallel_size
     tensor_parallel_size: int | None = None  # None: 1 for fsdp, all processes for tp, trainer.devices for fsdp_tp
     # fsdp, tp, fsdp_tp: processes that share each sequence (lit_open/context_parallel.py); data.seq_len must be a

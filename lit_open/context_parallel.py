@@ -77,13 +77,13 @@ class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
-        parts = [part.contiguous() for part in grad.chunk(size, dim=ctx.dim)]
         if dist.get_backend(ctx.group) == "nccl":
+            parts = [part.contiguous() for part in grad.chunk(size, dim=ctx.dim)]
             own = torch.empty_like(parts[rank])
             dist.reduce_scatter(own, parts, group=ctx.group)
             return own, None, None
-        # gloo has no reduce-scatter: sum everything, keep this rank's part
-        whole = torch.cat(parts, dim=ctx.dim)
+        # gloo has no reduce-scatter: sum everything (a copy: autograd's gradient is not ours to change), keep ours
+        whole = grad.contiguous().clone()
         dist.all_reduce(whole, group=ctx.group)
         return whole.chunk(size, dim=ctx.dim)[rank].contiguous(), None, None
 
@@ -113,7 +113,7 @@ class ContextParallel:
         for key in SHARDED_KEYS:
             if local.get(key) is not None:
                 local[key] = shard_sequence(local[key], self.rank, self.size)
-        local["positions"] = self._local_positions(local["input_ids"].size(1), local["input_ids"].device)
+        local["positions"] = self._tables(local["input_ids"].size(1), local["input_ids"].device)[0]
         self.active = True
         try:
             yield local
@@ -133,7 +133,7 @@ class ContextParallel:
         """`causal_attention` for this rank's queries over the keys and values of the whole sequence."""
         if not self.active:
             return causal_attention(q, k, v, backend, doc_ids)
-        positions, order = self._local_positions(q.size(2), q.device), self._order(q.size(2), q.device)
+        positions, order = self._tables(q.size(2), q.device)
         k = _GatherSequence.apply(k, self.group, 2).index_select(2, order)
         v = _GatherSequence.apply(v, self.group, 2).index_select(2, order)
         return causal_attention(q, k, v, backend, self._whole_doc_ids(doc_ids, order), q_positions=positions)
@@ -147,12 +147,6 @@ class ContextParallel:
         own = out.sum * self.size / tokens
         loss = own + (total_sum / tokens - own).detach()
         return LossOutput(loss=loss, logsumexp=out.logsumexp, tokens=tokens.long(), sum=loss * tokens)
-
-    def _local_positions(self, local_len: int, device: torch.device) -> torch.Tensor:
-        return self._tables(local_len, device)[0]
-
-    def _order(self, local_len: int, device: torch.device) -> torch.Tensor:
-        return self._tables(local_len, device)[1]
 
     def _tables(self, local_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's positions, and the permutation that puts the gathered (rank-major) sequence in order; one

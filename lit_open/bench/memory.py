@@ -37,9 +37,10 @@ from rich.table import Table
 
 from lit_open.compose import load_train_config
 from lit_open.config import ACTIVATION_CHECKPOINTING, MIXED_PRECISION_DTYPES, OPTIMIZERS, PRECISIONS
+from lit_open.context_parallel import check_context_parallel
 from lit_open.errors import UserError, check_choice
 from lit_open.model import ModelConfig, Transformer
-from lit_open.model.config import ATTENTION_BACKENDS, POSITIONED_BACKENDS
+from lit_open.model.config import ATTENTION_BACKENDS
 from lit_open.parallel import apply_activation_checkpointing, check_tensor_parallel
 from lit_open.train.loss import lm_loss
 
@@ -321,18 +322,12 @@ def _check(c: ModelConfig, seq_len: int, micro_batch: int, dp: int, cp: int, tp:
             raise UserError(f"{flag} {value} must be a positive integer.")
     if seq_len > c.max_seq_len:
         raise UserError(f"--seq-len {seq_len} is longer than the model's context (max_seq_len {c.max_seq_len}).")
-    if seq_len % (2 * cp):
-        raise UserError(
-            f"--seq-len {seq_len} is not divisible by 2 x --context-parallel {cp} = {2 * cp}: context parallelism "
-            "splits each sequence into 2 x context_parallel chunks (two per rank, for an even causal load)."
-        )
-    if cp > 1 and c.attention not in POSITIONED_BACKENDS:
-        raise UserError(
-            f"--context-parallel {cp} needs an attention backend that attends from a shard of the sequence, not "
-            f"model.attention={c.attention}: use --attention with one of {', '.join(POSITIONED_BACKENDS)}."
-        )
     try:
-        check_tensor_parallel(c, tp, seq_len)
+        check_context_parallel(seq_len, cp, c.attention)
+    except UserError as err:
+        raise UserError(f"--seq-len {seq_len} / --context-parallel {cp} / --attention: {err}") from None
+    try:
+        check_tensor_parallel(c, tp, seq_len, cp)
     except UserError as err:
         raise UserError(f"--tensor-parallel {tp}: {err}") from None
 
