@@ -28,14 +28,12 @@ from lit_open.config import (
     COMMAND_SCHEMAS,
     LAUNCH_KEYS,
     TrainConfig,
-    describe_omegaconf_error,
     run_record,
-    schema_keys,
-    to_typed,
     validate,
 )
 from lit_open.errors import UserError, check_choice
 from lit_open.model.config import NON_ARCHITECTURE_KEYS
+from lit_open.typed import describe_omegaconf_error, schema_keys, to_typed
 
 CONFIG_MODULE = "lit_open.conf"
 PLUGIN_ENTRY_POINT_GROUP = "lit_open.plugins"

@@ -22,9 +22,9 @@ from hydra.utils import get_class
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from lit_open.compose import plugin_entry_points
-from lit_open.config import to_typed
 from lit_open.errors import UserError
 from lit_open.train.events import EventLog
+from lit_open.typed import to_typed
 
 if TYPE_CHECKING:
     from lit_open.config import SourceConfig, TrainConfig
