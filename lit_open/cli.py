@@ -20,6 +20,7 @@ commands:
             `lit-open train --config RUN_DIR/config.yaml [key=value ...]` reruns or continues a run.
   prepare   tokenize text into litdata chunks:
             `lit-open prepare inputs=[a.jsonl,dir/,stdlib] output=DIR [tokenizer=tokenizer.json] [val_fraction=0.01]`
+            `lit-open prepare inputs=[hf-dataset:ORG/NAME@REV:SPLIT] output=DIR val_fraction=0.01 val_by_input=true`
   eval      held-out loss of a checkpoint: `lit-open eval checkpoint=RUN_DIR/checkpoints/step-00000300.ckpt`;
             lm-eval benchmarks of a run checkpoint or a Hugging Face directory (hf:/dir):
             `lit-open eval checkpoint=CKPT_OR_HF tasks=[hellaswag,my_tasks/] [limit=200] [num_fewshot=0] [out=FILE]`
@@ -27,6 +28,8 @@ commands:
             `lit-open convert source=RUN_DIR/checkpoints/step-00000300.ckpt out=DIR [dtype=bfloat16]`
             `lit-open convert source=hf:EleutherAI/pythia-160m@step3000 out=pythia.ckpt`
   report    curves of a run (PNG + HTML), other runs overlaid: `lit-open report run.dir=RUN_DIR [compare=[DIR,...]]`
+  logs      replay a run's metrics.csv and events.jsonl into W&B or MLflow (each row once; e.g. after an offline run):
+            `lit-open logs sync run.dir=RUN_DIR to=wandb|mlflow [mode=offline] [project=P] [tracking_uri=URI]`
   data      the samples of a global batch, and the steps that trained on a sample or a text (no log needed):
             `lit-open data show run.dir=RUN_DIR step=N [samples=4]`, `... released_step=S` (a released order)
             `lit-open data locate run.dir=RUN_DIR sample=[SOURCE,INDEX] | file=NAME index=I | contains=TEXT steps=[A,B]`
@@ -75,13 +78,17 @@ def main(argv: list[str] | None = None) -> None:
             from lit_open.commands.data import data_command
 
             data_command(args)
+        elif command == "logs":
+            from lit_open.commands.logs import logs_command
+
+            logs_command(args)
         elif command == "report":
             from lit_open.commands.report import report_command
 
             report_command(args)
         else:
             raise UserError(
-                f"Unknown command {command!r}. Commands: train, prepare, eval, convert, report, data, list "
+                f"Unknown command {command!r}. Commands: train, prepare, eval, convert, report, logs, data, list "
                 "(see lit-open --help)."
             )
     except RunStopped as err:  # a stop signal or trainer.time_limit: a checkpoint was written

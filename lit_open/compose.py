@@ -129,6 +129,8 @@ def _compose_or_explain(
         raise UserError(_missing_config_message(err)) from None
     except (HydraException, OmegaConfBaseException) as err:
         raise UserError(_override_message(err, schema, plugins)) from None
+    except AssertionError as err:  # OmegaConf asserts when an override sets a key inside a null node
+        raise UserError(_null_parent_message(overrides) or f"Bad override: {err}") from None
     finally:
         GlobalHydra.instance().clear()
     with open_dict(cfg):
@@ -348,6 +350,22 @@ def _override_message(err: Exception, schema: type, plugins: dict[str, dict[str,
         where = f"under '{parent}'" if parent else "at the top level"
         return f"Unknown config key '{key}'. Keys {where}: {', '.join(_keys_under(schema, parent)) or 'none'}."
     return "Bad override: " + " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _null_parent_message(overrides: list[str]) -> str | None:
+    """Why `a.b.c=v` failed when `a.b` is an optional section this config leaves null (e.g. logger.wandb)."""
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        parts = key.split(".")
+        if len(parts) < 3 or not schema_keys(TrainConfig, ".".join(parts[:-1])):
+            continue
+        parent = ".".join(parts[:-1])
+        preset = f"{parts[0]}={parts[1]}" if parts[1] in group_options(parts[0]) else f"{parent}={{...}}"
+        return (
+            f"'{key}' sets a key of '{parent}', which this config leaves null (off). Turn it on first with "
+            f"{preset}, then {override} applies."
+        )
+    return None
 
 
 def _plugin_option_message(key: str, plugins: dict[str, dict[str, Any]]) -> str:

@@ -33,6 +33,7 @@ STRATEGIES = ("auto", "ddp", "fsdp", "tp", "fsdp_tp")
 MODEL_PARALLEL_STRATEGIES = ("fsdp", "tp", "fsdp_tp")  # built on Lightning's ModelParallelStrategy
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 FLOAT8_RECIPES = ("none", "tensorwise", "rowwise")
+WANDB_MODES = ("online", "offline")
 DEFAULT_MAX_GEN_TOKENS = 32  # new tokens of an lm-eval generation task that does not set max_gen_toks
 UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP", "SIGINT", "SIGCHLD")  # not stop signals: uncatchable, or taken
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
@@ -56,18 +57,22 @@ class SourceConfig:
     # headerless token arrays) | llm360 (JSON lines of token_ids, e.g. AmberDatasets): read in place
     format: str = "litdata"
     dtype: str | None = None  # numpy: the token dtype of the files, uint16 or uint32
+    # data.val_sources: the metrics' name, val/<name>/loss (letters, digits, _ . -); None: the path's last component,
+    # or its parent's when that is a split of `lit-open prepare` (train, val): /data/web/val -> web
+    name: str | None = None
 
 
 @dataclass
 class PrepareConfig:
     """How `lit-open prepare` turns raw text into litdata token chunks."""
 
-    inputs: list[str] = field(default_factory=list)  # files, directories, globs, or `stdlib`
+    inputs: list[str] = field(default_factory=list)  # files, directories, globs, `stdlib`, hf-dataset:ORG/NAME...
     output: str = MISSING  # a directory; receives train/, val/ (if val_fraction > 0) and tokenizer.json
     tokenizer: str | None = None  # a tokenizer.json (or a directory holding one); None: train a byte-level BPE
     vocab_size: int = 4096  # size of the BPE trained when `tokenizer` is None
     val_fraction: float = 0.0  # share of documents held out (chosen by a hash of file and document index)
-    text_key: str = "text"  # field holding the text in jsonl and parquet inputs
+    val_by_input: bool = False  # held-out documents in one split per input, val-<name>/, instead of one val/
+    text_key: str = "text"  # field holding the text in jsonl, parquet and dataset inputs
     eos_token: str | None = None  # None: read from tokenizer_config.json next to the tokenizer, else guessed
     add_special_tokens: bool = False  # let the tokenizer's post-processor add BOS/EOS of its own
     chunk_tokens: int = 4_194_304  # tokens per litdata chunk file
@@ -176,9 +181,32 @@ class TrainerConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (`logger=wandb`); the run's files go to <run.dir>/logs/wandb/."""
+
+    # online (needs an API key: WANDB_API_KEY or `wandb login`) | offline (no network: `wandb sync` or
+    # `lit-open logs sync` publishes it later)
+    mode: str = "online"
+    project: str = "lit-open"
+    entity: str | None = None  # team or user; None: your API key's default entity
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MLflowConfig:
+    """MLflow (`logger=mlflow`)."""
+
+    tracking_uri: str | None = None  # None: a local store, sqlite:///<run.dir>/logs/mlflow.db
+    experiment: str = "lit-open"
+
+
+@dataclass
 class LoggerConfig:
     csv: bool = True
     tensorboard: bool = True
+    wandb: WandbConfig | None = None
+    mlflow: MLflowConfig | None = None
 
 
 @dataclass
@@ -242,19 +270,33 @@ class ConvertConfig:
 
 
 @dataclass
-class ReportRun:
-    dir: str = MISSING  # the run directory to draw
+class RunDir:
+    dir: str = MISSING  # a run directory (run.dir of `lit-open train`)
 
 
 @dataclass
 class ReportConfig:
     """`lit-open report`: a run's curves with its events marked, other runs overlaid (PNG + HTML)."""
 
-    run: ReportRun = field(default_factory=ReportRun)
+    run: RunDir = field(default_factory=RunDir)
     compare: list[str] = field(default_factory=list)  # other run directories, overlaid
     labels: list[str] | None = None  # one per run (run.dir first); None: the directories' names
     x: str = "step"  # step | tokens
     out: str | None = None  # default: <run.dir>/report/
+
+
+@dataclass
+class LogsConfig:
+    """`lit-open logs sync`: a run's metrics.csv and events.jsonl replayed into W&B or MLflow, each row once."""
+
+    run: RunDir = field(default_factory=RunDir)
+    to: str = MISSING  # wandb | mlflow
+    # Unset keys: the run's own logger.wandb / logger.mlflow settings, else their defaults.
+    mode: str | None = None  # wandb: online | offline
+    project: str | None = None  # wandb
+    entity: str | None = None  # wandb
+    tracking_uri: str | None = None  # mlflow
+    experiment: str | None = None  # mlflow
 
 
 COMMAND_SCHEMAS: dict[str, type] = {
@@ -262,6 +304,7 @@ COMMAND_SCHEMAS: dict[str, type] = {
     "eval": EvalConfig,
     "convert": ConvertConfig,
     "report": ReportConfig,
+    "logs": LogsConfig,
 }
 
 
@@ -283,6 +326,23 @@ def check_sources(data: DataConfig) -> None:
                     f"{key}[{i}] is format={source.format}. Set data.document_mask=false for released formats."
                 )
     check_order(data)
+
+
+def val_source_names(data: DataConfig) -> list[str]:
+    """Each val source's metrics name (SourceConfig.name, else from its path); a UserError unless valid and unique."""
+    names: list[str] = []
+    for i, source in enumerate(data.val_sources):
+        head, name = os.path.split(os.path.normpath(os.path.expanduser(source.path)))
+        name = source.name or (os.path.basename(head) if name in ("train", "val") and os.path.basename(head) else name)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in names:
+            fault = f"is also data.val_sources[{names.index(name)}]'s" if name in names else "is not a valid"
+            raise UserError(
+                f"data.val_sources[{i}].name={name!r}{'' if source.name else f' (from path {source.path})'} {fault} "
+                "name: each held-out source logs val/<name>/loss, so give each a unique name of letters, digits, "
+                "'_', '.' and '-', e.g. data.val_sources=[{path:DIR_A,name:web},{path:DIR_B,name:code}]."
+            )
+        names.append(name)
+    return names
 
 
 def check_order(data: DataConfig) -> None:
@@ -384,11 +444,14 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
                     "trainer.precision=bf16-mixed)."
                 )
     check_choice("trainer.precision", typed.trainer.precision, PRECISIONS)
+    if typed.logger.wandb is not None:
+        check_choice("logger.wandb.mode", typed.logger.wandb.mode, WANDB_MODES)
     data = typed.data
     check_sources(data)
     if data.root is not None:  # a path join, no I/O: relative source paths are under data.root
         for source in [*data.sources, *data.val_sources]:
             source.path = os.path.join(os.path.expanduser(data.root), os.path.expanduser(source.path))
+    val_source_names(data)  # from the paths as joined
     for key in ("seq_len", "micro_batch_size", "global_batch_size"):
         if getattr(data, key) < 1:
             raise UserError(f"data.{key}={getattr(data, key)} must be a positive integer.")

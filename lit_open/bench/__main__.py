@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import warnings
 from importlib import metadata
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_open.errors import UserError
+from lit_open.provenance import git_commit
 
 PROG = "python -m lit_open.bench"
 DEFAULT = "throughput"
@@ -118,7 +118,7 @@ def versions() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "lit_open": lit_open.__version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
     for optional in ("lightning", "torchao", "litgpt"):  # installed metadata: importing them would cost seconds
         try:
@@ -126,16 +126,6 @@ def versions() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             found[optional] = None
     return found
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 if __name__ == "__main__":

@@ -95,19 +95,20 @@ def _local_source(path: Path, spec: str, revision: str | None) -> Path:
     return path
 
 
-def _offline() -> bool:
+def hub_offline(*also: str) -> bool:
+    """HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE (or one of the variables `also` names) set: no network access to the
+    hub. Read at each call, not when huggingface_hub is imported."""
     return any(
         os.environ.get(key, "").strip().lower() in ("1", "true", "yes", "on")
-        for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+        for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *also)
     )
 
 
 def _download(spec: str, repo: str, revision: str | None) -> tuple[Path, dict]:
     # imported here: only hub specs need it, and it loads an HTTP stack
     import huggingface_hub
-    from huggingface_hub import errors as hub_errors
 
-    offline = _offline()
+    offline = hub_offline()
     patterns = HUB_PATTERNS + SAFE_PATTERNS + BIN_PATTERNS
     if not offline:
         try:  # one format only: repos that ship both safetensors and .bin would be downloaded twice
@@ -135,27 +136,11 @@ def _download(spec: str, repo: str, revision: str | None) -> tuple[Path, dict]:
                     repo, revision=revision, allow_patterns=patterns, local_files_only=offline
                 )
             )
-    except hub_errors.GatedRepoError as err:
-        raise UserError(
-            f"{spec}: {repo} is gated; accept its terms on huggingface.co and log in (`hf auth login` or HF_TOKEN), "
-            f"or point at a local copy. {local_hint}"
-        ) from err
-    except hub_errors.RepositoryNotFoundError as err:
-        raise UserError(
-            f"{spec}: the hub has no repo {repo!r} (or it is private: log in with `hf auth login` or set HF_TOKEN). "
-            "Check the ORG/NAME in hf:ORG/NAME@REVISION."
-        ) from err
-    except hub_errors.RevisionNotFoundError as err:
-        raise UserError(
-            f"{spec}: {repo} has no revision {revision!r}. Give a branch, tag or commit of the repo (list them with "
-            f"huggingface_hub.list_repo_refs({repo!r}))."
-        ) from err
-    except hub_errors.HFValidationError as err:
-        raise UserError(
-            f"{spec}: {repo!r} is not a valid hub repo id ({first_line(err)}). Give hf:ORG/NAME@REVISION, or "
-            "hf:/path/to/dir for a directory on disk."
-        ) from err
     except Exception as err:  # offline, no network, hub errors: all mean "could not get it from the hub"
+        hint = f"Check the ORG/NAME@REVISION, or point at a local copy. {local_hint}"
+        known = hub_answer(err, spec, repo, revision, hint=hint)
+        if known is not None:
+            raise known from err
         reason = (
             "HF_HUB_OFFLINE is set, so only the local huggingface_hub cache was searched, and it does not hold "
             "this revision"
@@ -165,6 +150,29 @@ def _download(spec: str, repo: str, revision: str | None) -> tuple[Path, dict]:
         raise UserError(f"Could not download {spec} ({where}): {reason}. {local_hint}") from err
     commit = directory.name if re.fullmatch(r"[0-9a-f]{40}", directory.name) else None
     return directory, {"repo": repo, "revision": revision or "main", "commit": commit}
+
+
+def hub_answer(
+    err: Exception, where: str, repo: str, revision: str | None, repo_type: str = "model", hint: str = ""
+) -> UserError | None:
+    """The hub's refusal `err` of `repo`@`revision` (gated, no such repo or revision, a bad id) in the user's words,
+    naming `where` (the spec as typed); None for any other failure (the network, offline mode)."""
+    # imported here: only hub lookups get here, and it loads an HTTP stack
+    from huggingface_hub import errors as hub_errors
+
+    kind = "dataset" if repo_type == "dataset" else "repo"
+    refs = f"huggingface_hub.list_repo_refs({repo!r}" + (", repo_type='dataset')" if repo_type == "dataset" else ")")
+    if isinstance(err, hub_errors.GatedRepoError):  # before RepositoryNotFoundError: it is one
+        text = f"the {kind} {repo} is gated; accept its terms on huggingface.co and log in (`hf auth login`, HF_TOKEN)"
+    elif isinstance(err, hub_errors.RepositoryNotFoundError):
+        text = f"the hub has no {kind} {repo!r} (or it is private: log in with `hf auth login` or set HF_TOKEN)"
+    elif isinstance(err, hub_errors.RevisionNotFoundError):
+        text = f"the {kind} {repo} has no revision {revision!r}; give a branch, tag or commit of it (see {refs})"
+    elif isinstance(err, hub_errors.HFValidationError):
+        text = f"{repo!r} is not a valid hub id ({first_line(err)})"
+    else:
+        return None
+    return UserError(f"{where}: {text}." + (f" {hint}" if hint else ""))
 
 
 def _key(repo: str, revision: str | None) -> str:

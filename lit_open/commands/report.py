@@ -4,8 +4,9 @@
                     [x=step|tokens] [out=DIR]
 
 Reads each run's `logs/metrics.csv` and `events.jsonl` (the run directory contract in docs/architecture.md) and writes
-`report.png` (a grid of panels: train and held-out loss, learning rate, gradient norm, throughput, and one panel
-per family of `eval/*` scores, e.g. `eval/hellaswag/*`) and `report.html` (the runs, the PNG embedded, a table of
+`report.png` (a grid of panels: train and held-out loss, learning rate, gradient norm, throughput, the held-out loss
+and bits per byte of each val source, `val/<name>/loss` and `val/<name>/bits_per_byte`, and one panel per family of
+`eval/*` scores, e.g. `eval/hellaswag/*`) and `report.html` (the runs, the PNG embedded, a table of
 final metrics per run and a table of every event) into `<run.dir>/report/` (or `out=`). Compare runs are drawn in
 their own colours and labelled by their directory names unless `labels=` names them: this is how a run is held
 against a reference trace, as LLM360 publishes its training traces. The x axis is the optimizer step, or with
@@ -72,6 +73,7 @@ PANELS = (  # title, the columns drawn in it, log scale
     ("throughput (tokens/s)", ("train/tokens_per_s",), False),
 )
 FINAL_COLUMNS = ("train/loss", "val/loss", "val/ppl", "train/lr", "train/grad_norm", "train/skipped")
+SOURCE_PANELS = (("held-out loss by source", "loss"), ("held-out bits per byte", "bits_per_byte"))  # val/<name>/...
 
 
 @dataclass
@@ -204,14 +206,22 @@ def final_metrics(trace: Trace) -> dict[str, float]:
     throughput = curve(trace, "train/tokens_per_s").y
     result["mean tokens/s"] = sum(throughput) / len(throughput) if throughput else None
     result["rollbacks"] = float(sum(e.get("event") == "rollback" for e in trace.events))
-    result.update({c: curve(trace, c).final for c in trace.columns() if c.startswith("eval/")})
+    extra = [c for c in trace.columns() if c.startswith("eval/") or source_metric(c)]
+    result.update({c: curve(trace, c).final for c in extra})
     return {k: v for k, v in result.items() if v is not None}
 
 
+def source_metric(column: str) -> str | None:
+    """The metric of a per-val-source column (`val/<name>/loss` -> loss), else None."""
+    parts = column.split("/")
+    return parts[2] if len(parts) == 3 and parts[0] == "val" else None
+
+
 def panels(traces: list[Trace]) -> list[tuple[str, list[str], bool]]:
-    """The panels to draw: the fixed ones some run has data for, then one per eval/* family."""
-    columns = {c for trace in traces for c in trace.columns()}
+    """The panels to draw: the fixed ones some run has data for, the val sources' ones, then one per eval/* family."""
+    columns = list(dict.fromkeys(c for trace in traces for c in trace.columns()))
     chosen = [(title, [c for c in keys if c in columns], log) for title, keys, log in PANELS]
+    chosen += [(title, [c for c in columns if source_metric(c) == metric], False) for title, metric in SOURCE_PANELS]
     chosen = [(title, keys, log) for title, keys, log in chosen if keys]
     families: dict[str, list[str]] = {}
     for trace in traces:
@@ -244,8 +254,9 @@ def draw(traces: list[Trace], path: Path, x: str = "step") -> Path:
                 if not line.x:
                     continue
                 name = trace.label if len(columns) == 1 else f"{trace.label} {column}"
-                if held_out:
-                    style = {"linestyle": "--", "marker": "o", "markersize": 3}
+                if held_out:  # val sources in one panel share the run's colour: a marker each
+                    marker = "o" if column == "val/loss" else EVAL_MARKERS[index % len(EVAL_MARKERS)]
+                    style = {"linestyle": "--", "marker": marker, "markersize": 3}
                 elif column.startswith("eval/"):  # a family's metrics share the run's colour: a marker each
                     style = {"linewidth": 1.2, "marker": EVAL_MARKERS[index % len(EVAL_MARKERS)], "markersize": 4}
                 else:

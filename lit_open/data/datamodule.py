@@ -139,11 +139,11 @@ class TokenSamples(Dataset):
             self._readers = [source.open(self.block_size) for source in self.sources]
         return self._readers
 
-    def __getitem__(self, key: tuple[int, ...]) -> dict[str, Any]:
-        source, index, data_step, micro, n_micro = key
+    def __getitem__(self, key: tuple) -> dict[str, Any]:
+        source, index, *meta = key  # meta: data_step, micro, n_micro (and `scored` for held-out samples)
         reader = self._open()[source]
         tokens = np.asarray(reader.read(index) if isinstance(reader, SampleReader) else reader[index], dtype=np.int64)
-        return {"tokens": torch.from_numpy(tokens), "sample": (source, index), "meta": (data_step, micro, n_micro)}
+        return {"tokens": torch.from_numpy(tokens), "sample": (source, index), "meta": tuple(meta)}
 
     def collate(self, items: list[dict[str, Any]]) -> Any:
         """The batch dict of `items`; in a DataLoader worker, an object that is unpickled as that dict."""
@@ -157,8 +157,8 @@ class TokenSamples(Dataset):
 
     @staticmethod
     def _batch(tokens: torch.Tensor, samples: torch.Tensor, doc_ids: torch.Tensor | None, meta: tuple) -> dict:
-        data_step, micro, n_micro = meta
-        return {
+        data_step, micro, n_micro, *held_out = meta
+        batch = {
             **({} if doc_ids is None else {"doc_ids": doc_ids}),
             "input_ids": tokens[:, :-1],
             "targets": tokens[:, 1:],
@@ -167,6 +167,9 @@ class TokenSamples(Dataset):
             "micro": micro,
             "n_micro": n_micro,
         }
+        if held_out:  # a held-out micro-batch holds one val source's samples (DataModule.val_batches)
+            batch.update(source=int(samples[0, 0]), scored=held_out[0])
+        return batch
 
     @staticmethod
     def _unpickle(tokens: np.ndarray, samples: np.ndarray, doc_ids: np.ndarray | None, meta: tuple) -> dict:
@@ -309,20 +312,45 @@ class DataModule(L.LightningDataModule):
         if not self.val_sources:
             return []
         run = self.trainer.lightning_module.run  # tensor-parallel peers score the same samples
-        keys = self.val_keys()[run.data_parallel_rank :: run.data_parallel_size]
-        size = self.cfg.micro_batch_size
-        batches = [[(s, i, -1, 0, 1) for s, i in keys[start : start + size]] for start in range(0, len(keys), size)]
+        batches = self.val_batches(run.data_parallel_rank, run.data_parallel_size)
         # a few batches per validation: worker processes would cost more to start than the reading they save
         return self._loader(self.val_sources, batches, workers=0)
 
-    def val_keys(self) -> list[tuple[int, int]]:
-        """The held-out samples scored at each validation: `val_samples` spread evenly over all val sources."""
-        sizes = np.array([s.samples for s in self.val_sources])
-        total = int(sizes.sum())
-        picks = np.unique(np.linspace(0, total - 1, min(self.cfg.val_samples, total)).round().astype(np.int64))
-        source = np.searchsorted(np.cumsum(sizes), picks, side="right")
-        offset = picks - np.concatenate([[0], np.cumsum(sizes)[:-1]])[source]
-        return list(zip(source.tolist(), offset.tolist()))
+    def val_indices(self) -> list[list[int]]:
+        """The held-out samples scored at each validation, per val source: `val_samples` shared equally by the
+        sources (at least one each; a source smaller than its share is scored whole, and what it leaves goes to the
+        others), each source's spread evenly over it."""
+        sizes = [s.samples for s in self.val_sources]
+        counts, left = [0] * len(sizes), self.cfg.val_samples
+        least = 1 if left > 0 else 0  # val_samples=0 scores nothing
+        for position, source in enumerate(sorted(range(len(sizes)), key=sizes.__getitem__)):  # smallest first
+            counts[source] = min(sizes[source], max(least, left // (len(sizes) - position)))
+            left -= counts[source]
+        return [
+            np.unique(np.linspace(0, size - 1, count).round().astype(np.int64)).tolist()
+            for size, count in zip(sizes, counts)
+        ]
+
+    def val_batches(self, rank: int, world_size: int) -> list[list[tuple]]:
+        """Data-parallel rank `rank`'s held-out micro-batches (sample keys), each of one source's samples.
+
+        Every rank gets as many micro-batches of each source as the rank with the most: each forward pass of a
+        sharded model is a collective. A rank short of samples repeats one unscored (`scored` False)."""
+        size, batches = self.cfg.micro_batch_size, []
+        for source, indices in enumerate(self.val_indices()):
+            own = indices[rank::world_size]
+            for start in range(0, len(indices[::world_size]), size):  # rank 0 has the most
+                chunk = own[start : start + size]
+                batches.append([(source, i, -1, 0, 1, bool(chunk)) for i in chunk or indices[:1]])
+        return batches
+
+    def val_bytes_per_token(self) -> list[float | None]:
+        """Per val source, the UTF-8 bytes per token that `lit-open prepare` recorded in its manifest; None when it
+        recorded none (a released format, or data prepared before lit-open counted bytes)."""
+        return [
+            s.manifest["bytes"] / s.manifest["tokens"] if s.manifest and s.manifest.get("bytes") else None
+            for s in self.val_sources
+        ]
 
     def _loader(self, sources: list[Source], batch_sampler, workers: int | None = None) -> DataLoader:
         workers = self.cfg.num_workers if workers is None else workers

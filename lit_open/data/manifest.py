@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lit_open.data.readers import InputFile
 from lit_open.errors import UserError
 
 FORMAT = "lit-open-tokens/1"
@@ -42,6 +44,57 @@ def read_manifest(split_dir: str | Path) -> dict[str, Any]:
             + "). Re-run `lit-open prepare` with this version of lit-open to rebuild the data."
         )
     return manifest
+
+
+def source_entries(
+    inputs: list[str],
+    names: list[str],
+    sources: list[list[InputFile]],
+    per_file: Mapping[int, Any],
+    undecodable: list[int],
+    which: list[int],
+) -> list[dict[str, Any]]:
+    """The manifest's `sources`: the counts of the split's documents from each input in `which` (its index in
+    `inputs`); `per_file`: per index in the files of `sources`, their documents, tokens and bytes (attributes)."""
+    files = [f for source in sources for f in source]
+    entries = {
+        s: {
+            "input": inputs[s],
+            "name": names[s],
+            "revision": sources[s][0].revision,  # a dataset's hub commit or save_to_disk fingerprint
+            "files": len(sources[s]),
+            "documents": 0,
+            "tokens": 0,
+            "bytes": 0,
+            "undecodable_bytes": undecodable[s],
+        }
+        for s in which
+    }
+    for i, stat in per_file.items():
+        entry = entries[files[i].source]
+        entry["documents"] += stat.documents
+        entry["tokens"] += stat.tokens
+        entry["bytes"] += stat.bytes
+    return list(entries.values())
+
+
+def split_manifest(
+    split: str, sources: list[dict[str, Any]], dtype: str, tokenizer: dict[str, Any], settings: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest of a split: the totals of its per-input counts (`sources`: each with documents, tokens, bytes),
+    the token dtype, the tokenizer's identity and the prepare settings."""
+    return {
+        "format": FORMAT,
+        "split": split,
+        "documents": sum(s["documents"] for s in sources),
+        "tokens": sum(s["tokens"] for s in sources),
+        "bytes": sum(s["bytes"] for s in sources),  # UTF-8 bytes of the documents' text, for bits per byte
+        "dtype": dtype,
+        "tokenizer": tokenizer,
+        "sources": sources,
+        **settings,
+        "lit_open_version": lit_open_version(),
+    }
 
 
 def lit_open_version() -> str:

@@ -5,15 +5,17 @@ Output layout (built in `<output>.tmp-<pid>` and renamed to `<output>` only when
     <output>/tokenizer.json        the tokenizer used (copied byte for byte, or the one trained here)
     <output>/train/                litdata chunks (TokensLoader), one 1-D array per document, EOS after each
     <output>/train/manifest.json   counts per source, tokenizer hash, dtype, ... (see `read_manifest`)
-    <output>/val/                  the same for the held-out documents, only when val_fraction > 0
+    <output>/val/                  the same for the held-out documents, only when val_fraction > 0 ...
+    <output>/val-<name>/           ... or one split per input with val_by_input (names: readers.input_names)
     <output>/tasks/next_line/      an lm-eval task made from held-out documents (see lit_open.data.next_line)
 
 Tokenizing runs in litdata `optimize` workers (spawned processes). Each work item is a run of consecutive input
-files; the worker function yields one array per document and, when a run is done, writes that run's per-file
-document and token counts to a side directory, which the main process sums into the manifest. So the counts are
-exact without tokenizing twice, and they are checked against the token total of litdata's own index. Long documents
-are tokenized in pieces (`lit_open.data.pieces`). Bytes that are not UTF-8 are counted per file, named on the
-console and counted per input in the manifest.
+files (a dataset input's shards count as files: `lit_open.data.hf_datasets`); the worker function yields one array
+per document and, when a run is done, writes that run's per-file document, token and text-byte counts to a side
+directory, which the main process sums into the manifest. So the counts are exact without tokenizing twice, and the
+tokens are checked against the token total of litdata's own index. Long documents are tokenized in pieces
+(`lit_open.data.pieces`). Bytes that are not UTF-8 are counted per file, named on the console and counted per input
+in the manifest.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -37,10 +38,10 @@ from rich.markup import escape
 from tokenizers import Tokenizer
 
 from lit_open.config import PrepareConfig
-from lit_open.data.manifest import FORMAT, MANIFEST, lit_open_version
+from lit_open.data.manifest import MANIFEST, source_entries, split_manifest
 from lit_open.data.next_line import TASK_NAME, write_next_line_task
 from lit_open.data.pieces import encode_in_pieces
-from lit_open.data.readers import InputFile, ReadStats, discover, is_held_out, iter_documents
+from lit_open.data.readers import InputFile, ReadStats, discover, input_names, is_held_out, read_input
 from lit_open.data.tokenizer import (
     DEFAULT_EOS,
     TOKENIZER_FILE,
@@ -50,6 +51,7 @@ from lit_open.data.tokenizer import (
     tokenizer_file,
     train_bpe,
 )
+from lit_open.data.val_splits import val_sources_override, val_splits
 from lit_open.errors import UserError
 from lit_open.glue import litdata_optimize_sandbox
 
@@ -89,12 +91,13 @@ def prepare(cfg: PrepareConfig) -> Path:
     tmp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
     _warn_stale_tmp(output, tmp)
     siblings = [*output.parent.glob(f"{output.name}.tmp-*"), *output.parent.glob(f"{output.name}.old-*")]
-    sources = discover(cfg.inputs, exclude=[output, tmp, *siblings])  # never read our own (old, partial) output
+    # never read our own (old, partial) output
+    sources = discover(cfg.inputs, exclude=[output, tmp, *siblings], text_key=cfg.text_key)
     files = [f for source in sources for f in source]
-    total_bytes = sum(f.size for f in files)
-    console.print(
-        f"Found {len(files)} files ({_mb(total_bytes)}) in {len(sources)} input{'s' if len(sources) > 1 else ''}."
-    )
+    on_disk = [f for f in files if f.dataset is None]
+    found = [f"{len(on_disk)} files ({_mb(sum(f.size for f in on_disk))})"] if on_disk else []
+    found += [f"{len(files) - len(on_disk)} dataset shards"] if len(on_disk) < len(files) else []
+    console.print(f"Found {' and '.join(found)} in {len(sources)} input{'s' if len(sources) > 1 else ''}.")
 
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -117,7 +120,7 @@ def prepare(cfg: PrepareConfig) -> Path:
             "eos_id": eos_id,
         }
         job = _Job(
-            files=tuple((f.path, f.key) for f in files),
+            files=tuple(files),
             split="train",
             val_fraction=cfg.val_fraction,
             text_key=cfg.text_key,
@@ -136,19 +139,35 @@ def prepare(cfg: PrepareConfig) -> Path:
             held_out[files[i].source] += s.other
         _check_documents(cfg, sources, train_docs, held_out)
         undecodable = _note_undecodable(files, stats["train"], len(sources))  # the train pass reads every file
+        names = input_names(cfg.inputs)
+        inputs_of = {"train": list(range(len(sources)))}  # the inputs each split's manifest lists
         if cfg.val_fraction > 0:
-            # the files holding held-out documents, weighted by the share of their documents held out
-            sizes = {
-                i: files[i].size * s.other // (s.other + s.documents) for i, s in stats["train"].items() if s.other
-            }
-            stats["val"] = _write_split(replace(job, split="val"), sizes, tmp, cfg)
+            held = {i: s for i, s in stats["train"].items() if s.other}  # the files holding held-out documents
+            splits = val_splits(names, cfg.val_by_input, (files[i].source for i in held))
+            for s in sorted(set(range(len(sources))) - {s for which in splits.values() for s in which}):
+                console.print(f"  [yellow]Note:[/] no document of the input {escape(cfg.inputs[s])} is held out.")
+            inputs_of.update(splits)
+            for split, which in splits.items():
+                # the split's files, weighted by the share of their documents held out
+                sizes = {
+                    i: f.size * held[i].other // (held[i].other + held[i].documents)
+                    for i, f in enumerate(files)
+                    if i in held and f.source in which
+                }
+                stats[split] = _write_split(replace(job, split=split), sizes, tmp, cfg)
+            _write_heldout_task(cfg, [files[i] for i in held], tmp / "tasks" / TASK_NAME)
 
-            with_held_out = [i for i, s in stats["train"].items() if s.other]
-            _write_heldout_task(cfg, [files[i] for i in with_held_out], tmp / "tasks" / TASK_NAME)
-
-        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        settings = {
+            "val_fraction": cfg.val_fraction,
+            "val_by_input": cfg.val_by_input,
+            "text_key": cfg.text_key,
+            "add_special_tokens": cfg.add_special_tokens,
+            "chunk_tokens": cfg.chunk_tokens,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         for split, per_file in stats.items():
-            manifest = _manifest(cfg, split, sources, per_file, dtype, tokenizer_info, created, undecodable)
+            entries = source_entries(cfg.inputs, names, sources, per_file, undecodable, inputs_of[split])
+            manifest = split_manifest(split, entries, dtype, tokenizer_info, settings)
             (tmp / split / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         shutil.rmtree(tmp / "_work")
         _publish(tmp, output, cfg.overwrite)
@@ -161,6 +180,8 @@ def prepare(cfg: PrepareConfig) -> Path:
         docs, tokens = sum(s.documents for s in per_file.values()), sum(s.tokens for s in per_file.values())
         parts.append(f"{split} {docs:,} documents / {tokens:,} tokens")
     console.print(f"Prepared {output}: {', '.join(parts)} ({dtype}) in {time.perf_counter() - start:.1f} s.")
+    if cfg.val_by_input:
+        console.print(f"Score each input's held-out split by name: {val_sources_override(output, stats)}")
     return output
 
 
@@ -182,7 +203,7 @@ def _write_heldout_task(cfg: PrepareConfig, files: list[InputFile], out_dir: Pat
 
     def held_out() -> Iterator[tuple[str, str]]:
         for f in files:
-            for index, text in iter_documents(f.path, cfg.text_key):
+            for index, text in read_input(f, cfg.text_key):
                 if is_held_out(f.key, index, cfg.val_fraction):
                     yield f"{f.key}:{index}", text
 
@@ -197,14 +218,15 @@ class _FileStats:
     tokens: int = 0  # their tokens, EOS included
     other: int = 0  # documents of the other split (skipped)
     undecodable: int = 0  # bytes of the file that are not UTF-8 (replaced by U+FFFD)
+    bytes: int = 0  # UTF-8 bytes of the text of this split's documents (before any special tokens)
 
 
 @dataclass(frozen=True)
 class _Job:
     """What a tokenizing worker needs (pickled into each spawned litdata worker)."""
 
-    files: tuple[tuple[str, str], ...]  # (path, key) of every input file
-    split: str
+    files: tuple[InputFile, ...]  # every input file (and dataset shard)
+    split: str  # train, or a held-out split: val, val-<name>
     val_fraction: float
     text_key: str
     tokenizer_path: str
@@ -233,6 +255,8 @@ def _check_config(cfg: PrepareConfig) -> None:
         raise UserError("text_key= must name the field (jsonl) or column (parquet) that holds the text.")
     if isinstance(cfg.inputs, str):
         raise UserError(f"inputs={cfg.inputs!r} must be a list, e.g. inputs='[{cfg.inputs}]'.")
+    if cfg.val_by_input and cfg.val_fraction <= 0:
+        raise UserError("val_by_input=true writes a held-out split per input: it needs val_fraction above 0 too.")
 
 
 def _train_on_inputs(cfg: PrepareConfig, sources: list[list[InputFile]], files: list[InputFile]) -> Tokenizer:
@@ -242,7 +266,7 @@ def _train_on_inputs(cfg: PrepareConfig, sources: list[list[InputFile]], files: 
 
     def train_texts() -> Iterator[str]:
         for f in files:
-            for index, text in iter_documents(f.path, cfg.text_key):
+            for index, text in read_input(f, cfg.text_key):
                 if is_held_out(f.key, index, cfg.val_fraction):
                     counts[f.source][1] += 1
                     continue
@@ -273,8 +297,9 @@ def _check_documents(
     for s, spec in enumerate(cfg.inputs):
         if train_documents[s] + held_out[s] == 0:
             raise UserError(
-                f"The input '{spec}' yields no documents: its {len(sources[s])} file(s) hold only empty text. Remove "
-                f"it from inputs=, or check that text_key={cfg.text_key!r} names the field that holds the text."
+                f"The input '{spec}' yields no documents: its {len(sources[s])} file(s) or shard(s) hold only empty "
+                f"text. Remove it from inputs=, or check that text_key={cfg.text_key!r} names the field that holds "
+                "the text."
             )
     if sum(train_documents) == 0:
         raise UserError(
@@ -362,7 +387,7 @@ def _tokenize_item(item: list[int], job: _Job) -> Iterator[np.ndarray]:
         encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
         dtype = np.dtype(job.dtype)
         stats = {i: _FileStats() for i in item}
-        want_val = job.split == "val"
+        want_val = job.split != "train"
         batch: list[tuple[int, str]] = []
         chars = 0
 
@@ -379,12 +404,13 @@ def _tokenize_item(item: list[int], job: _Job) -> Iterator[np.ndarray]:
             chars = 0
 
         for i in item:
-            path, key = job.files[i]
+            f = job.files[i]
             read = ReadStats()
-            for index, text in iter_documents(path, job.text_key, read):
-                if is_held_out(key, index, job.val_fraction) != want_val:
+            for index, text in read_input(f, job.text_key, read):
+                if is_held_out(f.key, index, job.val_fraction) != want_val:
                     stats[i].other += 1
                     continue
+                stats[i].bytes += len(text.encode("utf-8"))
                 ids = encode_in_pieces(tokenizer, text, job.add_special_tokens, dtype, _ENCODE_BATCH_CHARS)
                 if ids is not None:  # a long document
                     yield from flush()  # the documents before it first: the order stays the files'
@@ -398,7 +424,7 @@ def _tokenize_item(item: list[int], job: _Job) -> Iterator[np.ndarray]:
                     yield from flush()
             stats[i].undecodable = read.undecodable_bytes
         yield from flush()
-        record = {str(i): [s.documents, s.tokens, s.other, s.undecodable] for i, s in stats.items()}
+        record = {str(i): [s.documents, s.tokens, s.other, s.undecodable, s.bytes] for i, s in stats.items()}
         _write_atomic(Path(job.stats_dir) / f"item-{item[0]}.json", json.dumps(record))
     except UserError as err:
         _write_atomic(Path(job.stats_dir) / f"error-{item[0]:09d}.txt", str(err))
@@ -430,42 +456,6 @@ def _read_stats(stats_dir: Path, file_indices: list[int]) -> dict[int, _FileStat
 def _index_tokens(split_dir: Path) -> int:
     index = json.loads((split_dir / "index.json").read_text())
     return sum(chunk["dim"] for chunk in index["chunks"])
-
-
-def _manifest(
-    cfg: PrepareConfig,
-    split: str,
-    sources: list[list[InputFile]],
-    per_file: dict[int, _FileStats],
-    dtype: str,
-    tokenizer_info: dict[str, Any],
-    created: str,
-    undecodable: list[int],
-) -> dict[str, Any]:
-    files = [f for source in sources for f in source]
-    per_source = [
-        {"input": spec, "files": len(sources[s]), "documents": 0, "tokens": 0, "undecodable_bytes": undecodable[s]}
-        for s, spec in enumerate(cfg.inputs)
-    ]
-    for i, s in per_file.items():
-        entry = per_source[files[i].source]
-        entry["documents"] += s.documents
-        entry["tokens"] += s.tokens
-    return {
-        "format": FORMAT,
-        "split": split,
-        "documents": sum(s["documents"] for s in per_source),
-        "tokens": sum(s["tokens"] for s in per_source),
-        "dtype": dtype,
-        "tokenizer": tokenizer_info,
-        "sources": per_source,
-        "val_fraction": cfg.val_fraction,
-        "text_key": cfg.text_key,
-        "add_special_tokens": cfg.add_special_tokens,
-        "chunk_tokens": cfg.chunk_tokens,
-        "created": created,
-        "lit_open_version": lit_open_version(),
-    }
 
 
 def _publish(tmp: Path, output: Path, overwrite: bool) -> None:

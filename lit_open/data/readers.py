@@ -1,10 +1,11 @@
 """Input discovery and document readers for `lit-open prepare`.
 
-An input is a file, a directory (searched recursively for `DOC_SUFFIXES`), a glob, or the word `stdlib` (the
-Python standard library's own sources). Every file is named by its path relative to the input's root (its
-`key`); the key and the document's index in the file decide, by a stable hash, whether the document is held out.
-Text is UTF-8: bytes that are not are replaced by U+FFFD (as errors="replace" does) and counted (`ReadStats`), so
-that prepare can say which files had them.
+An input is a file, a directory (searched recursively for `DOC_SUFFIXES`), a glob, the word `stdlib` (the
+Python standard library's own sources), or a Hugging Face dataset (`lit_open.data.hf_datasets`: `hf-dataset:...`,
+or a directory written by `save_to_disk`), read in shards that stand in for files. Every file is named by its path
+relative to the input's root (its `key`); the key and the document's index in the file decide, by a stable hash,
+whether the document is held out. Text is UTF-8: bytes that are not are replaced by U+FFFD (as errors="replace"
+does) and counted (`ReadStats`), so that prepare can say which files had them.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ import hashlib
 import io
 import json
 import os
+import re
 import sysconfig
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from lit_open.data import hf_datasets
+from lit_open.data.hf_datasets import DatasetShard
 from lit_open.errors import UserError
 
 STDLIB = "stdlib"
@@ -49,28 +54,36 @@ codecs.register_error(_REPLACE, _replace_counted)
 
 @dataclass(frozen=True)
 class InputFile:
-    path: str  # absolute path
+    path: str  # absolute path (a dataset shard: the input as given)
     key: str  # path relative to the input's root, '/'-separated; with the document index it decides the split
     source: int  # index of the input (in `inputs`) that found the file
-    size: int  # bytes on disk
+    size: int  # bytes on disk (a dataset shard: bytes of text, about)
+    dataset: DatasetShard | None = None  # the shard of a dataset input this stands for
+    revision: str | None = None  # a dataset's hub commit or save_to_disk fingerprint, recorded in the manifest
 
 
-def discover(inputs: Sequence[str], exclude: Sequence[str | Path] = ()) -> list[list[InputFile]]:
+def discover(
+    inputs: Sequence[str], exclude: Sequence[str | Path] = (), text_key: str = "text"
+) -> list[list[InputFile]]:
     """The files of every input, each list in sorted order. UserError for a missing input or one without files.
 
     `exclude`: directories whose files are never taken (prepare's own output, so that a re-run over `.` does not
-    read the dataset it wrote).
+    read the dataset it wrote). `text_key`: the column a dataset input must have.
     """
     if not inputs:
         raise UserError(
-            "No inputs to prepare: set inputs= to a list of files, directories, globs, or the word 'stdlib' "
-            "(the Python standard library's sources), e.g. inputs='[data/corpus.jsonl,docs/]'."
+            "No inputs to prepare: set inputs= to a list of files, directories, globs, the word 'stdlib' "
+            "(the Python standard library's sources) or hf-dataset:ORG/NAME datasets, e.g. "
+            "inputs='[data/corpus.jsonl,docs/]'."
         )
     excluded = [os.path.realpath(p) for p in exclude]
-    return [_discover_one(str(spec), i, excluded) for i, spec in enumerate(inputs)]
+    return [_discover_one(str(spec), i, excluded, text_key) for i, spec in enumerate(inputs)]
 
 
-def _discover_one(spec: str, source: int, excluded: list[str]) -> list[InputFile]:
+def _discover_one(spec: str, source: int, excluded: list[str], text_key: str) -> list[InputFile]:
+    if _is_dataset(spec):
+        ds = hf_datasets.open_input(spec, text_key)
+        return [InputFile(spec, f"{ds.label}#{s.index}", source, ds.shard_bytes, s, ds.revision) for s in ds.shards]
     if spec == STDLIB:
         root, paths = stdlib_files()
         found = [(p, root) for p in paths]
@@ -114,6 +127,36 @@ def _discover_one(spec: str, source: int, excluded: list[str]) -> list[InputFile
             "(hidden files and __pycache__ are skipped); name other files directly or with a glob."
         )
     return [files[k] for k in sorted(files)]
+
+
+def _is_dataset(spec: str) -> bool:
+    return spec.startswith(hf_datasets.PREFIX) or hf_datasets.is_saved_dataset(Path(spec).expanduser())
+
+
+def input_names(inputs: Sequence[str]) -> list[str]:
+    """A short, unique name per input (its `val-<name>` split): a file's name without its document suffix, a
+    directory's name, a glob's fixed directory, `stdlib`, or a dataset's NAME[-CONFIG][-SPLIT]; characters other
+    than letters, digits and `_.-` become `_`, and a name taken before gets `-2`, `-3`, ..."""
+    names: list[str] = []
+    for spec in map(str, inputs):
+        if spec == STDLIB:
+            base = STDLIB
+        elif spec.startswith(hf_datasets.PREFIX):
+            base = hf_datasets.input_name(spec)
+        else:
+            path = Path(spec).expanduser()
+            if not path.exists() and any(c in _GLOB_CHARS for c in spec):
+                path = _glob_root(spec)
+            base = path.absolute().name
+            lower = base.lower()
+            base = next((base[: -len(s)] for s in DOC_SUFFIXES if lower.endswith(s) and len(base) > len(s)), base)
+        base = re.sub(r"[^A-Za-z0-9_.-]", "_", base).strip(".") or "input"
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}-{n}"
+        names.append(name)
+    return names
 
 
 def _walk(root: Path) -> list[Path]:
@@ -171,6 +214,14 @@ def is_held_out(key: str, index: int, val_fraction: float) -> bool:
         return False
     digest = hashlib.blake2b(f"{key}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < val_fraction
+
+
+def read_input(f: InputFile, text_key: str = "text", stats: ReadStats | None = None) -> Iterator[tuple[int, str]]:
+    """`iter_documents` of a file, or the rows of a dataset shard."""
+    if f.dataset is not None:
+        where = f"shard {f.dataset.index} of {f.dataset.count} of the input {f.path!r}"
+        return column_texts(where, text_key, hf_datasets.shard_column(f.dataset, text_key, where))
+    return iter_documents(f.path, text_key, stats)
 
 
 def iter_documents(
@@ -276,12 +327,19 @@ def _iter_parquet(path: str, text_key: str) -> Iterator[tuple[int, str]]:
             f"{path}: the parquet file has no column '{text_key}' (its columns: {', '.join(columns[:20])}). Set "
             "text_key= to the column that holds the text."
         )
+    batches = pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_key])
+    yield from column_texts(str(path), text_key, (batch.column(0).to_pylist() for batch in batches))
+
+
+def column_texts(where: str, text_key: str, batches: Iterable[list[Any]]) -> Iterator[tuple[int, str]]:
+    """(row, text) for the rows of a text column, read in batches, that hold more than whitespace; a value that is
+    not text is a UserError naming `where` and the row."""
     index = 0
-    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_key]):
-        for text in batch.column(0).to_pylist():
+    for values in batches:
+        for text in values:
             if text is not None and not isinstance(text, str):
                 raise UserError(
-                    f"{path}, row {index}: column '{text_key}' holds {type(text).__name__} values, not text. Set "
+                    f"{where}, row {index}: column '{text_key}' holds {type(text).__name__} values, not text. Set "
                     "text_key= to a text column."
                 )
             if text and not text.isspace():

@@ -10,6 +10,8 @@ import json
 import math
 import threading
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ class EventLog:
         self.path = Path(path) if path is not None else None
         self.enabled = enabled and self.path is not None
         self._lock = threading.Lock()  # an asynchronous checkpoint's writer thread writes its event too
+        # called with each event written (the run's W&B / MLflow loggers); a failing one never stops training
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def write(self, step: int, event: str, **fields: Any) -> None:
         if not self.enabled:
@@ -31,6 +35,11 @@ class EventLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
                 f.write(line)
+            for listener in self.listeners:
+                try:
+                    listener(json.loads(line))
+                except Exception as err:  # a logger's outage must not end a run: the event is in events.jsonl
+                    warnings.warn(f"Could not pass the {event!r} event at step {step} to a logger: {err}", stacklevel=2)
 
 
 def _encodable(value: Any) -> Any:

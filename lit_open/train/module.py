@@ -24,7 +24,7 @@ from torchmetrics import MeanMetric
 
 from lit_open.checkpoint.resumable import CHECKPOINT_KEY
 from lit_open.checkpoint.source import open_source, read_weights
-from lit_open.config import TrainConfig, run_record
+from lit_open.config import TrainConfig, run_record, val_source_names
 from lit_open.context_parallel import ContextParallel
 from lit_open.errors import UserError
 from lit_open.glue import validate_after_this_batch
@@ -34,6 +34,7 @@ from lit_open.plugin import Plugin, RunState, StepOutputs
 from lit_open.train.events import EventLog
 from lit_open.train.loss import LossOutput, lm_loss
 from lit_open.train.optim import build_optimizer, build_scheduler, param_groups, scheduled_lrs
+from lit_open.train.progress import trainer_console
 from lit_open.train.rollback import Rollbacks, agreed_rollback, no_snapshots
 from lit_open.train.snapshots import rng_state, set_rng_state
 
@@ -80,7 +81,12 @@ class LitLM(L.LightningModule):
         for plugin in self.plugins:
             plugin.bind(self.run)
         self.rollbacks: Rollbacks | None = None  # kept when a plugin may ask for rollbacks
-        self.val_loss = MeanMetric()
+        self.val_loss = MeanMetric()  # over every val source, token-weighted
+        self.val_names = val_source_names(config.data)
+        # one per val source, by index (names may hold dots, which ModuleDict keys may not); registered as modules,
+        # so that Lightning moves them to the device
+        self.val_source_loss = torch.nn.ModuleList(MeanMetric() for _ in self.val_names)
+        self._bytes_per_token: list[float | None] | None = None  # per val source, read at the first validation
         self._batches_since_row = 0
         self._step_sums: dict[str, torch.Tensor] = {}
         self._step_clock: float | None = None
@@ -310,19 +316,42 @@ class LitLM(L.LightningModule):
         validate_after_this_batch(self.trainer, due)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        with self.sequence_shard(batch) as batch:
-            out = self.compute_loss(batch)
-        self.val_loss.update(out.loss.detach(), weight=out.tokens)
+        with self.sequence_shard(batch) as local:
+            out = self.compute_loss(local)
+        # a repeat that only keeps sharded ranks in step weighs nothing, but marks the source's metric as updated on
+        # this rank (each compute is a collective of every rank)
+        tokens = out.tokens if batch["scored"] else 0
+        self.val_loss.update(out.loss.detach(), weight=tokens)
+        self.val_source_loss[batch["source"]].update(out.loss.detach(), weight=tokens)
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_loss.update_count == 0:
+        if self.val_loss.update_count == 0:  # the same on every rank: all run the same batches
             return
         loss = float(self.val_loss.compute())
         self.val_loss.reset()
-        self.log_row({"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))})
+        row = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+        for name, metric, bytes_per_token in zip(self.val_names, self.val_source_loss, self._bytes_per_token):
+            row[f"val/{name}/loss"] = source_loss = float(metric.compute())
+            metric.reset()
+            if bytes_per_token is not None:  # nats per token -> bits per byte of the source's text
+                row[f"val/{name}/bits_per_byte"] = source_loss / (math.log(2) * bytes_per_token)
+        self.log_row(row)
 
     def on_validation_start(self) -> None:
         self.run.activity = ("validation", time.monotonic())
+        # sums in float64, whatever dtype the precision plugin gave the module (bf16-true would round val/loss to
+        # bfloat16); MPS has no float64
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        for metric in (self.val_loss, *self.val_source_loss):
+            metric.set_dtype(dtype)
+        if self._bytes_per_token is None:
+            self._bytes_per_token = self.trainer.datamodule.val_bytes_per_token()
+            missing = [name for name, ratio in zip(self.val_names, self._bytes_per_token) if ratio is None]
+            if missing and self.trainer.is_global_zero:
+                trainer_console(self.trainer).print(
+                    f"Note: no val/<name>/bits_per_byte for held-out {', '.join(missing)}: no byte count in the data "
+                    "(a released format, or prepared before lit-open counted bytes: prepare it again to get one)."
+                )
 
     def on_validation_end(self) -> None:
         self.run.activity = None

@@ -30,7 +30,8 @@ from lit_open.glue import NEVER, model_parallel_strategy
 from lit_open.model.config import NON_ARCHITECTURE_KEYS
 from lit_open.parallel import check_tensor_parallel
 from lit_open.plugin import Plugin, build_plugins
-from lit_open.train.loggers import build_loggers
+from lit_open.provenance import lit_open_provenance
+from lit_open.train.loggers import build_loggers, check_loggers, event_listeners, finish_loggers
 from lit_open.train.module import LitLM
 from lit_open.train.progress import StepProgress
 from lit_open.train.rundir import choose_start
@@ -52,6 +53,7 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
     plugins = build_plugins(cfg.plugins)  # their options are checked here, before any data is prepared
     cfg = with_plugin_options(cfg, plugins)
     if rank_zero:
+        check_loggers(cfg.logger)  # a missing package or W&B key fails now, not after the data is prepared
         ensure_writable(run_dir)
     resume_path = find_resume_checkpoint(cfg.resume, run_dir)
     if resume_path is not None:
@@ -110,7 +112,13 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
         use_distributed_sampler=False,  # the DataModule gives every rank its slice of the global order
         enable_checkpointing=False,  # CheckpointWriter writes atomic, step-numbered checkpoints instead
         enable_model_summary=False,
-        logger=build_loggers(cfg.logger, run_dir, resume_step if resume_path is not None else None),
+        logger=build_loggers(
+            cfg.logger,
+            run_dir,
+            resume_step if resume_path is not None else None,
+            {**run_record(cfg), "lit_open": lit_open_provenance()},
+            rank_zero,
+        ),
         callbacks=[
             StepProgress(),
             CheckpointWriter(
@@ -132,6 +140,7 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
     )
     events = module.run.events
     events.enabled = events.enabled and trainer.is_global_zero
+    events.listeners = event_listeners(trainer.loggers)
     processes = data_parallel * context_parallel * tensor_parallel
     if processes != trainer.world_size:
         raise UserError(
@@ -176,6 +185,7 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
         events.write(trainer.global_step, "interrupted", signal="SIGINT")
         raise RunInterrupted(interrupted_message(run_dir)) from None
     finally:
+        finish_loggers(trainer.loggers)
         release_process_group()
     summary = summarize(module.run, trainer, resume_step)
     if trainer.is_global_zero:

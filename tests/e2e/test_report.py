@@ -10,7 +10,7 @@ import re
 import pytest
 from conftest import cli_here, read_metrics, run_cli, tiny_overrides
 
-from lit_open.commands.report import curve, final_metrics, markers, read_trace, report, undone_rows
+from lit_open.commands.report import curve, final_metrics, markers, panels, read_trace, report, undone_rows
 from lit_open.compose import load_command_config
 from lit_open.errors import UserError
 from lit_open.train.events import read_events
@@ -94,6 +94,26 @@ def test_report_writes_a_png_and_a_page_with_both_runs_finals_and_events(tmp_pat
     assert events_table.count("<tr><td>mine</td>") == len(EVENTS) and events_table.count("<tr><td>reference</td>") == 1
     assert '<td class="num">3</td><td>rollback</td><td>{&quot;from_step&quot;: 6, &quot;to_step&quot;: 3}' in text
     assert "data:image/png;base64," in text
+
+
+def test_val_sources_get_a_loss_and_a_bits_per_byte_panel_and_their_final_values(tmp_path):
+    (tmp_path / "logs").mkdir()
+    held_out = {"val/loss": 6.0, "val/web/loss": 5.0, "val/code/loss": 7.0, "val/web/bits_per_byte": 1.5}
+    with (tmp_path / "logs" / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "train/loss", *held_out])
+        writer.writeheader()
+        writer.writerows([{"step": 0, **held_out}, {"step": 1, "train/loss": 5.5}])
+    (tmp_path / "events.jsonl").write_text("")
+    trace = read_trace(tmp_path)
+    assert panels([trace]) == [
+        ("loss", ["train/loss", "val/loss"], False),
+        ("held-out loss by source", ["val/web/loss", "val/code/loss"], False),
+        ("held-out bits per byte", ["val/web/bits_per_byte"], False),
+    ]
+    final = final_metrics(trace)
+    assert (final["val/code/loss"], final["val/web/bits_per_byte"]) == (7.0, 1.5)
+    _, page = report([tmp_path])
+    assert "<th>val/web/bits_per_byte</th>" in page.read_text()
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lit_open.plugin import Plugin
+from lit_open.plugin import Plugin, Rollback, SnapshotPolicy
 
 
 class Recorder(Plugin):
@@ -73,3 +73,27 @@ class SlowSave(Plugin):
         import time  # only this test plugin sleeps
 
         time.sleep(self.cfg.seconds)
+
+
+class RollbackAt(Plugin):
+    """Asks once, before update `at`, to roll back to step `to` and go on with the global batch after `at`'s."""
+
+    name = "rollback_at"
+
+    @dataclass
+    class Config:
+        at: int = 5
+        to: int = 2
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.done = False
+
+    def snapshot_policy(self):
+        return SnapshotPolicy(every=self.cfg.to, horizon=self.cfg.at)
+
+    def rollback(self, metrics):
+        if self.done or metrics["step"] != self.cfg.at:
+            return None
+        self.done = True
+        return Rollback(to_step=self.cfg.to, resume_data_step=int(metrics["data_step"]) + 1, reason="test")

@@ -28,7 +28,7 @@ from lit_open.data import pieces
 from lit_open.data import prepare as prep
 from lit_open.data.manifest import read_manifest
 from lit_open.data.prepare import prepare
-from lit_open.data.readers import STDLIB_SKIP, discover, is_held_out, iter_documents, stdlib_files
+from lit_open.data.readers import STDLIB_SKIP, InputFile, discover, is_held_out, iter_documents, stdlib_files
 from lit_open.data.tokenizer import load_tokenizer, resolve_eos, token_dtype, train_bpe
 from lit_open.errors import UserError
 
@@ -208,6 +208,10 @@ def test_manifest_counts_match_direct_tokenization(prepared, corpus, tokenizer_p
         ]
         assert m["documents"] == sum(s["documents"] for s in m["sources"])
         assert m["tokens"] == sum(s["tokens"] for s in m["sources"]) == len(_read_stream(prepared["out"] / split))
+        # UTF-8 bytes of the documents' text (the corpus has 2-, 3- and 4-byte characters)
+        assert [s["bytes"] for s in m["sources"]] == [sum(len(t.encode()) for _, _, t in s) for s in sources]
+        assert m["bytes"] == sum(s["bytes"] for s in m["sources"]) > sum(len(t) for s in sources for _, _, t in s)
+        assert [s["revision"] for s in m["sources"]] == [None] * 4 and m["val_by_input"] is False
 
 
 def test_val_split_is_disjoint_deterministic_and_near_the_fraction(prepared, corpus):
@@ -590,7 +594,7 @@ def test_long_documents_are_tokenized_in_pieces_with_the_same_tokens(kind, tmp_p
     (tmp_path / "long.txt").write_text(text)
     add_special = kind == "llama3_style"
     job = prep._Job(
-        files=((str(tmp_path / "long.txt"), "long.txt"),),
+        files=(InputFile(str(tmp_path / "long.txt"), "long.txt", 0, len(text)),),
         split="train",
         val_fraction=0.0,
         text_key="text",
@@ -616,13 +620,14 @@ import json, re, sys
 from pathlib import Path
 from tokenizers import Tokenizer
 from lit_open.data import prepare as prep
+from lit_open.data.readers import InputFile
 
 def peak_mb():  # this process's own peak RSS (getrusage's also counts the parent's, from before the exec)
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 work = Path(sys.argv[1])
-job = prep._Job(((str(work / "long.txt"), "long.txt"),), "train", 0.0, "text", str(work / "tokenizer.json"), 0,
-                "uint16", False, str(work))
+job = prep._Job((InputFile(str(work / "long.txt"), "long.txt", 0, 0),), "train", 0.0, "text",
+                str(work / "tokenizer.json"), 0, "uint16", False, str(work))
 Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from the RSS now (Linux)
 before = peak_mb()
 (tokens,) = list(prep._tokenize_item([0], job))
