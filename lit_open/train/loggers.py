@@ -104,12 +104,12 @@ def event_listeners(loggers: list[Logger]) -> list[Callable[[dict[str, Any]], No
     return [logger.log_event for logger in loggers if isinstance(logger, (RunWandbLogger, RunMLflowLogger))]
 
 
-def finish_loggers(loggers: list[Logger]) -> None:
+def finish_loggers(loggers: list[Logger], failed: bool = False) -> None:
     """End the W&B and MLflow runs once the last validation is logged (Lightning ends MLflow's after fit, and leaves
-    W&B's to the interpreter's exit)."""
+    W&B's to the interpreter's exit); `failed`: the run ended with an error, and they say so."""
     for logger in loggers:
         if isinstance(logger, (RunWandbLogger, RunMLflowLogger)):
-            logger.finish()
+            logger.finish(failed)
 
 
 def wandb_logger(
@@ -189,9 +189,9 @@ class RunWandbLogger(WandbLogger):
                 self.experiment.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
 
     @rank_zero_only
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
         if self._experiment is not None:
-            self._experiment.finish()
+            self._experiment.finish(exit_code=1 if failed else 0)
 
 
 class RunMLflowLogger(MLFlowLogger):
@@ -240,9 +240,9 @@ class RunMLflowLogger(MLFlowLogger):
         self.experiment.log_text(self.run_id, text, "events.jsonl")
 
     @rank_zero_only
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
         if self._started:
-            self.experiment.set_terminated(self.run_id, "FINISHED")
+            self.experiment.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
 
 class MonotonicSteps:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,7 @@ def run(cfg: TrainConfig, *, explicit_model_keys: frozenset[str] | set[str] = fr
         events.write(trainer.global_step, "interrupted", signal="SIGINT")
         raise RunInterrupted(interrupted_message(run_dir)) from None
     finally:
-        finish_loggers(trainer.loggers)
+        finish_loggers(trainer.loggers, failed=sys.exc_info()[1] is not None)
         release_process_group()
     summary = summarize(module.run, trainer, resume_step)
     if trainer.is_global_zero:
