@@ -48,6 +48,9 @@ def strategy_overrides(data: Path, run_dir: Path, tasks: Path, **extra: object) 
     settings = {
         "trainer.max_steps": STEPS,
         "trainer.val_check_interval": 0,
+        # odd: with 2 data-parallel ranks one holds fewer held-out micro-batches and runs an unscored repeat, so
+        # that sharded forward passes stay in step; the held-out losses must still equal one process's
+        "data.val_samples": 9,
         "checkpoint.keep_last": 0,
         "plugins": "[monitor,lm_eval]",
         "plugins.monitor.every_n_steps": MONITOR_EVERY,

@@ -30,6 +30,13 @@ def test_strategy_matches_one_process(strategy_runs, name):
     reference = train_losses(strategy_runs["single"])
     assert len(reference) == STEPS and reference[STEPS] < reference[1] - 0.5  # it learns
     assert_same_losses(train_losses(strategy_runs[name]), reference)
+    assert_same_losses(held_out_losses(strategy_runs[name]), held_out_losses(strategy_runs["single"]))
+
+
+def held_out_losses(run_dir) -> dict[tuple[int, str], float]:
+    """Every held-out loss logged (the aggregate and each source's), by step and key."""
+    rows = read_metrics(run_dir)
+    return {(int(r["step"]), k): float(v) for r in rows for k, v in r.items() if k.startswith("val/") and v}
 
 
 def test_sharded_checkpoints_are_directories_of_shards(strategy_runs):

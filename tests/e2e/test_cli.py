@@ -19,7 +19,8 @@ def assert_user_error(result, *fragments):
 def test_help_and_listing():
     result = cli_here("--help")
     assert result.returncode == 0 and "lit-open COMMAND" in result.stdout
-    assert_user_error(cli_here("fly"), "Unknown command 'fly'", "train, prepare, eval, convert, report, logs, data, list")
+    commands = "train, prepare, eval, convert, report, logs, data, list"
+    assert_user_error(cli_here("fly"), "Unknown command 'fly'", commands)
     assert_user_error(cli_here("data"), "lit-open data needs an action: show or locate")
     assert_user_error(cli_here("data", "show", "step=two"), "step='two' must be an integer")
     assert_user_error(cli_here("data", "locate", "sample=[1]"), "sample='[1]' must be two integers")
