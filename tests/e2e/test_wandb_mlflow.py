@@ -3,6 +3,7 @@ them, their steps stay monotonic through a rollback, and `lit-open logs sync` re
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import struct
@@ -181,6 +182,14 @@ def test_bad_logger_input_exits_2_at_start_up(args, message, tmp_path, monkeypat
     result = cli_here("train", f"run.dir={tmp_path / 'run'}", *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "run" / "logs").exists()  # nothing started
+
+
+@pytest.mark.parametrize(("args", "extra"), [(["logger=wandb"], "wandb"), (["logger=mlflow"], "mlflow")])
+def test_a_logger_whose_package_is_missing_names_the_extra(args, extra, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == extra else real(name, *a))
+    result = cli_here("train", f"run.dir={tmp_path / 'run'}", *args)
+    assert result.returncode == 2 and f"pip install 'lit-open[{extra}]'" in result.stderr, result.stderr
 
 
 def test_logs_sync_bad_input_exits_2(tmp_path):
