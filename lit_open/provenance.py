@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 from pathlib import Path
 from typing import Any
-
-import lit_open
 
 
 def git_commit() -> str | None:
@@ -20,5 +19,13 @@ def git_commit() -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
+def lit_open_version() -> str:
+    """The installed lit-open's version ("unknown" for a source tree that is not installed)."""
+    try:
+        return importlib.metadata.version("lit-open")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def lit_open_provenance() -> dict[str, Any]:
-    return {"version": lit_open.__version__, "git_commit": git_commit()}
+    return {"version": lit_open_version(), "git_commit": git_commit()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 from lit_open.data.readers import InputFile
 from lit_open.errors import UserError
+from lit_open.provenance import lit_open_version
 
 FORMAT = "lit-open-tokens/1"
 MANIFEST = "manifest.json"
@@ -95,10 +95,3 @@ def split_manifest(
         **settings,
         "lit_open_version": lit_open_version(),
     }
-
-
-def lit_open_version() -> str:
-    try:
-        return importlib.metadata.version("lit-open")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"

@@ -84,18 +84,15 @@ def build_loggers(
         # purge_step: TensorBoard drops the events a crashed run wrote after the checkpoint it resumes from
         purge = resume_step + 1 if resume_step is not None else None
         loggers.append(TensorBoardLogger(run_dir, name="logs", version="", default_hp_metric=False, purge_step=purge))
-    name = record["run"]["name"]
     if not rank_zero:
         return loggers
+    name, resuming = record["run"]["name"], resume_step is not None
     if cfg.wandb is not None:
-        run_id = _kept_run_id(logs / WANDB_RUN_ID, resume_step is not None)
-        loggers.append(wandb_logger(cfg.wandb, logs, name, record, run_id, on_new_id=_keep_run_id(logs / WANDB_RUN_ID)))
+        id_file = logs / WANDB_RUN_ID
+        loggers.append(wandb_logger(cfg.wandb, logs, name, record, _kept_run_id(id_file, resuming), id_file))
     if cfg.mlflow is not None:
-        run_id = _kept_run_id(logs / MLFLOW_RUN_ID, resume_step is not None)
-        logger = mlflow_logger(cfg.mlflow, logs, name, record, run_id)
-        if run_id is None:
-            logger.on_new_run = _keep_run_id(logs / MLFLOW_RUN_ID)
-        loggers.append(logger)
+        id_file = logs / MLFLOW_RUN_ID
+        loggers.append(mlflow_logger(cfg.mlflow, logs, name, record, _kept_run_id(id_file, resuming), id_file))
     return loggers
 
 
@@ -113,9 +110,11 @@ def finish_loggers(loggers: list[Logger], failed: bool = False) -> None:
 
 
 def wandb_logger(
-    cfg: WandbConfig, logs: Path, name: str, record: dict[str, Any], run_id: str | None, on_new_id=None
+    cfg: WandbConfig, logs: Path, name: str, record: dict[str, Any], run_id: str | None, id_file: Path | None = None
 ) -> RunWandbLogger:
-    logger = RunWandbLogger(
+    """W&B run `run_id` (None: a new one) of the run `name`; its id goes to `id_file` (if given) once it exists."""
+    return RunWandbLogger(
+        id_file,
         name=name,
         project=cfg.project,
         entity=cfg.entity,
@@ -127,41 +126,41 @@ def wandb_logger(
         resume="allow" if run_id else None,
         config=record,
     )
-    logger.on_new_id = on_new_id
-    return logger
 
 
 def mlflow_logger(
-    cfg: MLflowConfig, logs: Path, name: str, record: dict[str, Any], run_id: str | None
+    cfg: MLflowConfig, logs: Path, name: str, record: dict[str, Any], run_id: str | None, id_file: Path | None = None
 ) -> RunMLflowLogger:
+    """MLflow run `run_id` (None: a new one) of the run `name`; its id goes to `id_file` (if given) once it exists."""
     logs.mkdir(parents=True, exist_ok=True)
     uri = cfg.tracking_uri or f"sqlite:///{(logs / 'mlflow.db').resolve()}"
-    logger = RunMLflowLogger(
+    return RunMLflowLogger(
+        record,
+        id_file,
         experiment_name=cfg.experiment,
         run_name=name,
         tracking_uri=uri,
         run_id=run_id,
-        # where a local store keeps artifacts (config.yaml, events.jsonl); a server decides for itself
+        # where a local store keeps artifacts (config.json, events.jsonl); a server decides for itself
         artifact_location=None if cfg.tracking_uri else (logs / "mlartifacts").resolve().as_uri(),
-        tags={"lit_open.recipe": str(record["run"].get("recipe"))},
     )
-    logger.record = record
-    return logger
 
 
 class RunWandbLogger(WandbLogger):
     """Lightning's WandbLogger (it logs the optimizer step as `trainer/global_step`; W&B's own step counts every
     row, so it stays monotonic through rollbacks), with the run's events as a table and, for serious ones, alerts."""
 
-    on_new_id: Callable[[str], None] | None = None
-    _events: Any = None  # the incremental wandb.Table, made at the first event
+    def __init__(self, id_file: Path | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._id_file = id_file  # written once the W&B run exists
+        self._events: Any = None  # the incremental wandb.Table, made at the first event
 
     @property
     def experiment(self):
         run = super().experiment
-        if self.on_new_id is not None and getattr(run, "id", None):
-            self.on_new_id(run.id)
-            self.on_new_id = None
+        if self._id_file is not None:
+            _write_run_id(self._id_file, run.id)
+            self._id_file = None
         return run
 
     @property
@@ -199,11 +198,10 @@ class RunMLflowLogger(MLFlowLogger):
     replay gets the next MLflow step; the metric `trainer/global_step` says which it was), the run's config as
     `config.json` and its events as `events.jsonl` artifacts."""
 
-    on_new_run: Callable[[str], None] | None = None
-    record: dict[str, Any] | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, record: dict[str, Any], id_file: Path | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.record = record  # the run's config, logged when the MLflow run is first used
+        self._id_file = id_file
         self.steps: MonotonicSteps | None = None
         self._started = False
         self._events: list[dict[str, Any]] = []
@@ -214,11 +212,10 @@ class RunMLflowLogger(MLFlowLogger):
         if not self._started:  # first use: the run exists now (run_id re-enters this property)
             self._started = True
             self.steps = MonotonicSteps.continuing(client, self.run_id)
-            if self.on_new_run is not None:
-                self.on_new_run(self.run_id)
-            if self.record is not None:
-                client.log_dict(self.run_id, self.record, "config.json")
-                self.log_hyperparams(self.record)  # flattened: run.name, optim.lr, ... as MLflow params
+            if self._id_file is not None:
+                _write_run_id(self._id_file, self.run_id)
+            client.log_dict(self.run_id, self.record, "config.json")
+            self.log_hyperparams(self.record)  # flattened: run/name, optim/lr, ... as MLflow params
         return client
 
     @rank_zero_only
@@ -234,13 +231,21 @@ class RunMLflowLogger(MLFlowLogger):
 
     @rank_zero_only
     def log_events(self, records: list[dict[str, Any]], alert: bool = True) -> None:
-        """The run's events so far as the artifact events.jsonl (MLflow has no alerts: `alert` is for W&B)."""
+        """Kept for the artifact events.jsonl, uploaded whole at the end, and at once for a serious event (`alert`):
+        MLflow artifacts are files that cannot be appended to, so uploading at every event would cost the square
+        of their number (MLflow has no alerts)."""
         self._events.extend(records)
+        if alert and any(record["event"] in ALERT_EVENTS for record in records):
+            self._upload_events()
+
+    def _upload_events(self) -> None:
         text = "".join(json.dumps(e, default=str) + "\n" for e in self._events)
         self.experiment.log_text(self.run_id, text, "events.jsonl")
 
     @rank_zero_only
     def finish(self, failed: bool = False) -> None:
+        if self._events:
+            self._upload_events()
         if self._started:
             self.experiment.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
@@ -281,9 +286,6 @@ def _kept_run_id(path: Path, resuming: bool) -> str | None:
     return None
 
 
-def _keep_run_id(path: Path) -> Callable[[str], None]:
-    def keep(run_id: str) -> None:
-        with atomic_file(path) as tmp:
-            tmp.write_text(run_id + "\n")
-
-    return keep
+def _write_run_id(path: Path, run_id: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(run_id + "\n")
