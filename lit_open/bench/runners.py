@@ -7,8 +7,9 @@
 - `litgpt`: litgpt's `GPT` with the same sizes, initialised as litgpt's pretraining script does, with lit-open's
   optimizer and loss, when `import litgpt` works.
 
-Each runner returns the seconds of the timed steps (those after the warmup), the loss of the first and of the last
-step, and the peak memory.
+Each runner trains `bench.clock.total_steps` steps and tells its clock (`lit_open.bench.turns`) where each step
+begins and ends, which takes turns with the other runners and times them; it returns the loss of the first and of
+the last step.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 
-from lit_open.bench.measure import peak_memory, synchronized_clock
+from lit_open.bench.turns import RunnerClock
 from lit_open.config import TrainConfig
 from lit_open.model import ModelConfig, Transformer
 from lit_open.parallel import after_optimizer_step, apply_fsdp, materialize, parallelize
@@ -43,11 +44,10 @@ from lit_open.train.runner import build_strategy, parallel_sizes
 
 @dataclass
 class Bench:
-    """What every runner is given besides the config: where to run, and how many untimed and timed steps."""
+    """What every runner is given besides the config: where to run, and the clock its steps report to."""
 
     device: torch.device
-    warmup: int
-    steps: int
+    clock: RunnerClock
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -142,27 +142,20 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def run_lightning(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
     """The real LitLM through lightning.Trainer, as `lit-open train` runs it minus loggers, checkpoints, progress."""
 
-    class StepTimer(Callback):
-        """Wall time from the end of the last warmup step to the end of the last step (all of the loop inside),
-        and the first step's loss (LitLM's metrics of the step just done)."""
+    class StepClock(Callback):
+        """Reports LitLM's steps to the bench clock (the loss: LitLM's metrics of the step just done)."""
 
-        def __init__(self) -> None:
-            self.start = self.end = self.first_loss = None
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            bench.clock.step_begins(batch_idx)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            if batch_idx == 0:
-                self.first_loss = pl_module.run.last_metrics["train/loss"]
-            if batch_idx == bench.warmup - 1:
-                self.start = synchronized_clock(bench.device)
-            if batch_idx == bench.warmup + bench.steps - 1:
-                self.end = synchronized_clock(bench.device)
+            bench.clock.step_ends(batch_idx, pl_module.run.last_metrics["train/loss"])
 
     for name in ("lightning.pytorch", "lightning.fabric"):  # banners and tips; warnings stay
         logging.getLogger(name).setLevel(logging.WARNING)
     # torchao, imported by Lightning's fit, registers an Enum with torch's pytree, which warns that it is deprecated
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    total = bench.warmup + bench.steps
-    timer = StepTimer()
+    total = bench.clock.total_steps
     module = LitLM(cfg)
     with tempfile.TemporaryDirectory(prefix="lit-open-bench-") as root:
         trainer = L.Trainer(
@@ -179,19 +172,15 @@ def run_lightning(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
             num_sanity_val_steps=0,
             limit_val_batches=0,
             use_distributed_sampler=False,
-            callbacks=[timer],
+            callbacks=[StepClock()],
             default_root_dir=root,
             inference_mode=False,
         )
         trainer.fit(module, train_dataloaders=make_loader(cfg, total))
-    if timer.start is None or timer.end is None:
+    if trainer.global_step != total:
         raise RuntimeError(f"Lightning stopped after {trainer.global_step} of {total} steps")
-    return {
-        "seconds": timer.end - timer.start,
-        "first_loss": timer.first_loss,
-        "loss": module.run.last_metrics["train/loss"],
-        **peak_memory(bench.device),
-    }
+    losses = bench.clock.losses()
+    return {"first_loss": losses[0], "loss": losses[-1]}
 
 
 # -- bare ------------------------------------------------------------------------------------------------------
@@ -228,33 +217,29 @@ def _train_loop(
     loss_fn: Callable[[dict[str, Any]], torch.Tensor],
     after_step: Callable[[], None],
 ) -> dict[str, Any]:
-    """Steps of forward + loss (under autocast for bf16-mixed), backward, clip, AdamW, LR schedule; the steps after
-    the warmup are timed, fetching the batches included (as in Lightning's loop). The first step's loss is read
-    back at once (the first step is always a warmup step), the others only at the end."""
+    """Steps of forward + loss (under autocast for bf16-mixed), backward, clip, AdamW, LR schedule, as the clock
+    asks; fetching a batch belongs to the step (as in Lightning's loop). Nothing is read back to the host until the
+    end (the losses stay on the device)."""
     from lit_open.train.module import clip_gradients  # LitLM's own; lit_open.train.module imports lightning, hence here
 
-    total = bench.warmup + bench.steps
+    clock = bench.clock
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, total)
-    start = first_loss = loss = None
-    for i, batch in enumerate(make_loader(cfg, total)):
+    scheduler = build_scheduler(optimizer, cfg.schedule, clock.total_steps)
+    for i, batch in enumerate(make_loader(cfg, clock.total_steps)):
+        clock.step_begins(i)
         batch = _to_device(batch, bench.device)
         with _autocast(cfg, bench.device):
             loss = loss_fn(batch)
-        if i == 0:
-            first_loss = loss.item()
         loss.backward()
         clip_gradients([p for p in model.parameters() if p.grad is not None], cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
         after_step()
         optimizer.zero_grad(set_to_none=True)
-        if i == bench.warmup - 1:
-            start = synchronized_clock(bench.device)
-    seconds = synchronized_clock(bench.device) - start
-    result = {"seconds": seconds, "first_loss": first_loss, "loss": loss.item(), **peak_memory(bench.device)}
-    del optimizer, scheduler, loss
-    return result
+        clock.step_ends(i, loss)
+    del optimizer, scheduler
+    losses = clock.losses()
+    return {"first_loss": losses[0], "loss": losses[-1]}
 
 
 # -- litgpt ----------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ def bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_throughput_on_cpu_writes_json_for_lightning_and_bare(tmp_path):
     out = tmp_path / "bench.json"
-    args = ["--model", "quickstart", "--micro-batch", "2", "--seq-len", "64", "--steps", "3", "--warmup", "1"]
+    args = ["--model", "quickstart", "--micro-batch", "2", "--seq-len", "64", "--steps", "4", "--warmup", "1"]
     result = bench("throughput", *args, "--device", "cpu", "--json", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "lightning" in result.stdout and "bare" in result.stdout  # the table
@@ -47,7 +48,9 @@ def test_throughput_on_cpu_writes_json_for_lightning_and_bare(tmp_path):
     assert {"torch", "lightning", "lit_open"} <= set(report["versions"])
     config = report["config"]
     assert (config["model"], config["micro_batch"], config["seq_len"]) == ("quickstart", 2, 64)
-    assert (config["steps"], config["warmup"], config["precision"], config["device"]) == (3, 1, "32-true", "cpu")
+    assert (config["steps"], config["warmup"], config["precision"], config["device"]) == (4, 1, "32-true", "cpu")
+    # two rounds of three steps per runner (the first of each turn untimed) after one warmup step
+    assert (config["rounds"], config["round_steps"], config["schedule"]) == (2, 3, "interleaved")
     assert config["train_config"]["data"]["global_batch_size"] == 2  # one micro-batch per optimizer step
 
     results = report["results"]
@@ -60,17 +63,24 @@ def test_throughput_on_cpu_writes_json_for_lightning_and_bare(tmp_path):
     for name in ("lightning", "bare"):
         r = runners[name]
         assert r["status"] == "ok", r
-        assert r["tokens_per_s"] > 0 and r["seconds"] > 0 and r["tokens"] == 3 * 2 * 64
+        assert r["tokens_per_s"] > 0 and r["seconds"] > 0 and r["tokens"] == 4 * 2 * 64
+        assert len(r["round_seconds"]) == 2 and r["seconds"] == pytest.approx(sum(r["round_seconds"]))
+        assert r["tokens_per_s"] == pytest.approx(statistics.median(2 * 2 * 64 / s for s in r["round_seconds"]))
+        assert len(r["losses"]) == 1 + 2 * 3
         assert r["flops_per_token"] == expected
         assert r["achieved_tflops"] == pytest.approx(expected * r["tokens_per_s"] / 1e12)
         assert r["mfu"] is None
         assert r["peak_memory_gib"] > 0
         assert math.isfinite(r["first_loss"]) and math.isfinite(r["loss"]) and r["loss_finite"]
-        losses[name] = (r["first_loss"], r["loss"])
-    # same model, seed, data, optimizer and schedule: Lightning and the bare loop start from and reach the same loss
+        losses[name] = r["losses"]
+    # same model, seed, data, optimizer and schedule: Lightning and the bare loop take the same steps, taking turns
     assert losses["lightning"] == pytest.approx(losses["bare"], rel=1e-5)
-    overhead = results["lightning_overhead_pct"]
-    assert overhead == pytest.approx(100 * (runners["lightning"]["seconds"] / runners["bare"]["seconds"] - 1))
+    assert losses["bare"][-1] < losses["bare"][0]
+    lightning, bare = runners["lightning"]["round_tokens_per_s"], runners["bare"]["round_tokens_per_s"]
+    per_round = [100 * (b / a - 1) for a, b in zip(lightning, bare)]  # the bare loop's speed over Lightning's
+    assert results["lightning_overhead_pct"] == pytest.approx(statistics.median(per_round))
+    assert results["lightning_overhead_pct_range"] == pytest.approx([min(per_round), max(per_round)])
+    assert results["reference"] == "bare" and runners["bare"]["vs_reference"]["median"] == 1.0
 
 
 def hand_flops_per_token_quickstart(seq_len: int) -> int:
@@ -130,7 +140,16 @@ def test_litgpt_runner_starts_from_the_loss_of_the_lit_open_runners():
 
 def test_bad_runner_is_a_user_error():
     args = build_parser("throughput").parse_args(["throughput", "--runners", "lightning,nope", "--device", "cpu"])
-    with pytest.raises(UserError, match="--runners 'lightning,nope': choose among lightning, bare, litgpt"):
+    with pytest.raises(UserError, match="--runners 'nope': a runner is one of lightning, bare, litgpt, olmo_core"):
+        throughput.run(args)
+    args = build_parser("throughput").parse_args(["throughput", "--runners", "bare+float8", "--device", "cpu"])
+    with pytest.raises(UserError, match=r"optionally followed by \+KEY=VALUE"):
+        throughput.run(args)
+    args = build_parser("throughput").parse_args(["throughput", "--reference", "litgpt", "--runners", "bare"])
+    with pytest.raises(UserError, match="--reference 'litgpt' is not among --runners"):
+        throughput.run(args)
+    args = build_parser("throughput").parse_args(["throughput", "--runners", "bare+strategy.nope=1", "--device", "cpu"])
+    with pytest.raises(UserError, match="nope"):  # every runner's config is composed before anything is built
         throughput.run(args)
 
 
