@@ -1,4 +1,5 @@
-"""`python -m lit_open.bench [throughput | loss-memory | plugin-overhead | data | checkpoint | memory] [options]`.
+"""`python -m lit_open.bench [throughput | attention | loss-memory | plugin-overhead | data | checkpoint | memory |
+gpu-suite] [options]`.
 
 One benchmark, to JSON. With no subcommand (or options only) the throughput benchmark runs. Every run writes
 `--json PATH` (default `bench-<subcommand>.json` in the working directory): the date, the device, the torch /
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_open.errors import UserError
-from lit_open.provenance import git_commit
+from lit_open.provenance import git_commit, lit_open_version
 
 PROG = "python -m lit_open.bench"
 DEFAULT = "throughput"
@@ -33,6 +34,8 @@ SUBCOMMANDS = {
     "data": ("lit_open.bench.data_loading", "samples/s and tokens/s per DataLoader worker of each data format, memory"),
     "checkpoint": ("lit_open.bench.checkpointing", "seconds of training blocked per checkpoint: synchronous vs async"),
     "memory": ("lit_open.bench.memory", "per-GPU memory of training a preset, estimated; --measure checks it on CPU"),
+    "attention": ("lit_open.bench.attention", "attention kernels with document masks: parity and speed"),
+    "gpu-suite": ("lit_open.bench.gpu_suite", "every GPU path checked and timed in one command, within a budget"),
 }
 
 
@@ -111,13 +114,11 @@ def describe_device(device_type: str) -> dict[str, Any]:
 def versions() -> dict[str, Any]:
     import torch  # as in describe_device
 
-    import lit_open
-
     found = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "lit_open": lit_open.__version__,
+        "lit_open": lit_open_version(),
         "git_commit": git_commit(),
     }
     for optional in ("lightning", "torchao", "litgpt"):  # installed metadata: importing them would cost seconds
