@@ -309,3 +309,37 @@ def test_cuda_auto_picks_a_fused_kernel():
     fused = [name for name in ("flash_attn", "varlen") if name in available_backends("cuda")]
     assert attention._fastest(q, has_docs=True, backward=True) == (fused or ["flex"])[0]
     assert attention._fastest(q.float(), has_docs=True, backward=True) == "flex"
+
+
+# flash-attn's varlen kernel with documents is test_cuda_bf16_matches_reference[flash_attn-documents-*] (and torch's
+# own, [varlen-documents-*]); here cuDNN's fused attention, which `sdpa` and `dense` reach through SDPA's dispatch.
+CUDNN_CASES = [("sdpa", False), ("dense", False), ("dense", True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [(8, 8), (8, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize(
+    "backend, documents", CUDNN_CASES, ids=["sdpa-causal", "dense-causal-mask", "dense-document-mask"]
+)
+def test_cuda_cudnn_attention_bf16_matches_reference(backend, documents, heads):
+    """cuDNN attention, the only kernel SDPA may pick here, under `sdpa` (is_causal) and `dense` (an explicit boolean
+    mask, causal or causal and same-document) in bf16 against the float64 per-document reference, with gradients."""
+    cuda_or_skip(backend)
+    doc_ids = random_doc_ids(2, 384, seed=2) if documents else None
+    q, k, v = random_qkv(2, heads, 384, 64, torch.bfloat16, "cuda", seed=2, requires_grad=True)
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            out = causal_attention(q, k, v, backend, None if doc_ids is None else doc_ids.cuda())
+            out.float().square().sum().backward()
+    except RuntimeError as error:  # what SDPA raises when no allowed kernel takes the inputs (its warnings say why)
+        if not any(refusal in str(error) for refusal in ("No available kernel", "No viable backend")):
+            raise
+        pytest.skip(f"cuDNN attention refuses {backend} with these inputs (torch {torch.__version__}): {error}")
+    assert out.dtype == torch.bfloat16 and out.is_cuda
+    cpu = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    reference = per_document_reference(*cpu, torch.zeros(2, 384) if doc_ids is None else doc_ids)
+    reference.square().sum().backward()
+    # bf16 inputs and outputs (8 significant bits): the tolerances of the other CUDA kernels above
+    torch.testing.assert_close(out.double().cpu(), reference, atol=2e-2, rtol=2e-2)
+    for name, got, want in zip("qkv", (q.grad, k.grad, v.grad), (t.grad for t in cpu)):
+        torch.testing.assert_close(got.double().cpu(), want, atol=5e-2, rtol=5e-2, msg=f"cuDNN {backend} d{name}")

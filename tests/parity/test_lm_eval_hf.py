@@ -8,9 +8,11 @@ windows each) both give the same accuracy and log-likelihoods within 1e-4, reque
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
+import torch
 from lm_eval_tasks import trained_tiny_model, write_local_tasks
 
 from lit_open.checkpoint.hf import save_hf
@@ -101,3 +103,34 @@ def test_repeated_runs_and_batch_sizes_agree(setup):
     for key in first:
         assert math.isclose(first[key], again[key], rel_tol=1e-5), key
     assert model.training is False
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_adapter_on_a_device_scores_and_generates_as_on_the_cpu(setup, device, tmp_path):
+    """The adapter with the model moved to `device` (float32): the same log-likelihoods, greedy flags, rolling
+    log-likelihoods and greedy generations as with the model on the CPU."""
+    model, _, _, data = setup
+    tasks = write_local_tasks(data.parent / "corpus", tmp_path / "tasks", generation=True)
+    tokenizer, eos = tokenizer_and_eos(data / "tokenizer.json")
+    on_cpu = LitOpenLM(model, tokenizer, eos, batch_size=8)
+    on_device = LitOpenLM(copy.deepcopy(model).to(device), tokenizer, eos, batch_size=8)
+    assert on_device._device.type == device and model.output.weight.device.type == "cpu"
+    task_dict = load_tasks(resolve_tasks([str(tasks)]))
+    mc, ppl, gen = (requests_of(task_dict, name) for name in ("next_line", "corpus_ppl", "line_end"))
+    assert (len(mc), len(ppl), len(gen)) == (24 * 4, 6, 12)
+
+    # float32 on both: the kernels' sums run in other orders (~1e-6 relative per logit), and a log-likelihood sums
+    # up to a few hundred tokens' log-probabilities: 1e-4 absolute plus 1e-5 relative (the rolling totals are
+    # hundreds to thousands)
+    expected, got = on_cpu.loglikelihood(mc), on_device.loglikelihood(mc)
+    torch.testing.assert_close(
+        torch.tensor([g[0] for g in got]), torch.tensor([e[0] for e in expected]), rtol=1e-5, atol=1e-4
+    )
+    assert [g[1] for g in got] == [e[1] for e in expected]  # greedy flags
+    assert len({round(e[0], 3) for e in expected}) > 50  # the model discriminates: the test could fail
+    rolling = torch.tensor(on_device.loglikelihood_rolling(ppl))
+    torch.testing.assert_close(rolling, torch.tensor(on_cpu.loglikelihood_rolling(ppl)), rtol=1e-5, atol=1e-4)
+    generated = on_device.generate_until(gen)
+    assert generated == on_cpu.generate_until(gen)  # greedy: the same argmax at every step
+    assert sum(bool(text) for text in generated) >= len(gen) // 2  # most generate something before the newline
+    assert model.training is False and on_device.model.training is False

@@ -105,6 +105,40 @@ def test_gradients_flow_through_fake_quantization():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+@pytest.mark.parametrize("scheme", ["int8_dynamic_act_int4_weight", "int8_weight_only"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_in_bf16_off_is_the_float_model_on_is_the_quantized_model_and_gradients_flow(device, scheme, precision):
+    """The two tests above in bf16 as trainer.precision runs it (bf16-mixed: float32 weights under bf16 autocast;
+    bf16-true: bf16 weights), on the CPU and on a GPU."""
+    plain, plugin = built(None).to(device), QAT(scheme=scheme)
+    model = built(plugin).to(device)
+    if precision == "bf16-true":
+        plain.to(torch.bfloat16)
+        model.to(torch.bfloat16)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    x = tokens().to(device)
+    with torch.no_grad(), autocast:
+        reference = plain(x)
+        assert torch.equal(model(x), reference)  # off: bit for bit the float forward
+        plugin.switch(True)
+        fake = model(x)
+        real = quantize(plain, scheme, 32, list(plugin.layers))(x)  # torchao PTQ of the same weights
+    weight = plain.layers[0].attention.wq.weight
+    assert type(weight).__name__ == "IntxUnpackedToInt8Tensor" and weight.device.type == device
+    assert reference.dtype == fake.dtype == real.dtype == torch.bfloat16
+    # fake quantization computes what conversion gives: equal on the CPU; allowed one bf16 rounding of the logits
+    # (eps = 2^-7 of their largest magnitude, about 0.6) in case a GPU kernel rounds an intermediate differently
+    torch.testing.assert_close(fake, real, rtol=0, atol=torch.finfo(torch.bfloat16).eps * reference.abs().max().item())
+    error = (fake - reference).abs().max().item()  # off is exactly the reference: any difference is quantization
+    assert error > (1e-2 if scheme == "int8_dynamic_act_int4_weight" else 1e-4), error
+    with autocast:
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.isfinite().all() and param.grad.abs().sum() > 0, name
+
+
 # -- options and refusals -----------------------------------------------------------------------------------
 
 
