@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from lit_open.bench import throughput
+from lit_open.bench import olmo_core, runners, throughput
 from lit_open.bench.__main__ import build_parser, envelope
 from lit_open.bench.gpu_report import check_goals, markdown
 from lit_open.config import TrainConfig
@@ -54,7 +54,7 @@ class Part:
     name: str
     title: str
     argv: list[str]  # after `python -m lit_open.bench` (or `pytest` for the tests)
-    cap_s: int  # at most this long, budget permitting
+    cap_s: int  # at most this long, budget permitting (set from the first H200 run: docs/benchmarks.md)
     min_s: int  # not started with less than this left
     needs: tuple[str, ...] = ()  # packages whose absence makes the part meaningless
     kind: str = "bench"
@@ -70,7 +70,7 @@ PARTS = [
         "throughput",
         "olmo2_1b, 4096 tokens, bf16-mixed, compiled: Lightning vs bare loop vs litgpt vs OLMo-core",
         ["throughput", *OLMO2_1B, *COMPILED_ROUNDS, "--runners", "lightning,bare,litgpt,olmo_core"],
-        cap_s=150,
+        cap_s=120,
         min_s=90,
     ),
     Part(
@@ -85,8 +85,8 @@ PARTS = [
             "--runners",
             "lightning,lightning+strategy.float8=tensorwise,lightning+strategy.float8=rowwise",
         ],
-        cap_s=120,
-        min_s=80,
+        cap_s=140,
+        min_s=90,
         needs=("torchao",),
     ),
     Part(
@@ -106,8 +106,8 @@ PARTS = [
             "--runners",
             MEMORY_RUNNERS,
         ],
-        cap_s=90,
-        min_s=40,
+        cap_s=150,
+        min_s=60,
     ),
     Part(
         "amber_7b",
@@ -119,8 +119,8 @@ PARTS = [
                 " --runners lightning --schedule sequential --steps 2 --warmup 1 --round-steps 3"
             ).split(),
         ],
-        cap_s=70,
-        min_s=45,
+        cap_s=90,
+        min_s=60,
         needs=("bitsandbytes",),
     ),
     Part(
@@ -244,15 +244,24 @@ def environment() -> dict[str, Any]:
             "capability": list(torch.cuda.get_device_capability(0)),
             "gpu_memory_gib": props.total_memory / 2**30,
         }
+    for name, why in (("litgpt", runners.litgpt_unavailable()), ("olmo_core", olmo_core.olmo_core_unavailable())):
+        found["packages"][name] = (
+            {"ok": True, "version": _version_of(name)} if why is None else {"ok": False, "error": why}
+        )
     for name in OPTIONAL_PACKAGES:
+        if name in found["packages"]:
+            continue
         try:
             module = importlib.import_module(name)
-            dists = importlib.metadata.packages_distributions().get(name, [])
-            version = getattr(module, "__version__", None) or (importlib.metadata.version(dists[0]) if dists else "?")
-            found["packages"][name] = {"ok": True, "version": version}
+            found["packages"][name] = {"ok": True, "version": getattr(module, "__version__", None) or _version_of(name)}
         except Exception as err:  # missing, or broken against this torch: the parts that need it say so
             found["packages"][name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:300]}
     return found
+
+
+def _version_of(module_name: str) -> str:
+    dists = importlib.metadata.packages_distributions().get(module_name, [])
+    return importlib.metadata.version(dists[0]) if dists else "?"
 
 
 def run_part(part: Part, suite: Suite, scratch: Path, log) -> dict[str, Any]:
