@@ -68,8 +68,8 @@ PARTS = [
     Part("tests", "gpu-marked tests", ["-m", "gpu"], cap_s=120, min_s=30, kind="pytest"),
     Part(
         "throughput",
-        "olmo2_1b, 4096 tokens, bf16-mixed, compiled: Lightning vs bare loop vs litgpt vs OLMo-core",
-        ["throughput", *OLMO2_1B, *COMPILED_ROUNDS, "--runners", "lightning,bare,litgpt,olmo_core"],
+        "olmo2_1b, 4096 tokens, bf16-mixed, compiled: Lightning vs bare loop (also synchronised) vs litgpt, OLMo-core",
+        ["throughput", *OLMO2_1B, *COMPILED_ROUNDS, "--runners", "lightning,bare,bare_sync,litgpt,olmo_core"],
         cap_s=120,
         min_s=90,
     ),

@@ -199,7 +199,7 @@ def build_bare_model(cfg: TrainConfig, device: torch.device) -> Transformer:
     return model.to(device)
 
 
-def run_bare(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
+def run_bare(cfg: TrainConfig, bench: Bench, read_back: bool = False) -> dict[str, Any]:
     """The same model, loss, optimizer, clipping and schedule in a plain PyTorch loop."""
     model = build_bare_model(cfg, bench.device)
 
@@ -207,7 +207,14 @@ def run_bare(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
         hidden = model(batch["input_ids"], batch.get("doc_ids"), return_hidden=True)
         return lm_loss(hidden, model.output, batch["targets"], cfg.strategy.loss_chunk_tokens).loss
 
-    return _train_loop(cfg, bench, model, loss_fn, lambda: after_optimizer_step(model, cfg.strategy))
+    return _train_loop(cfg, bench, model, loss_fn, lambda: after_optimizer_step(model, cfg.strategy), read_back)
+
+
+def run_bare_sync(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
+    """The bare loop reading the loss and the gradient norm back before each update, as LitLM does for its metrics
+    and its plugins' skip and rollback decisions: `lightning` against it is Lightning's own overhead, it against
+    `bare` that synchronisation's."""
+    return run_bare(cfg, bench, read_back=True)
 
 
 def _train_loop(
@@ -216,10 +223,11 @@ def _train_loop(
     model: torch.nn.Module,
     loss_fn: Callable[[dict[str, Any]], torch.Tensor],
     after_step: Callable[[], None],
+    read_back: bool = False,
 ) -> dict[str, Any]:
     """Steps of forward + loss (under autocast for bf16-mixed), backward, clip, AdamW, LR schedule, as the clock
     asks; fetching a batch belongs to the step (as in Lightning's loop). Nothing is read back to the host until the
-    end (the losses stay on the device)."""
+    end (the losses stay on the device), unless `read_back`: then the loss and the gradient norm before each update."""
     from lit_open.train.module import clip_gradients  # LitLM's own; lit_open.train.module imports lightning, hence here
 
     clock = bench.clock
@@ -231,7 +239,9 @@ def _train_loop(
         with _autocast(cfg, bench.device):
             loss = loss_fn(batch)
         loss.backward()
-        clip_gradients([p for p in model.parameters() if p.grad is not None], cfg.optim.grad_clip)
+        grad_norm = clip_gradients([p for p in model.parameters() if p.grad is not None], cfg.optim.grad_clip)
+        if read_back:  # the host waits for the backward before it can queue the update
+            loss.item(), grad_norm.item()
         optimizer.step()
         scheduler.step()
         after_step()
@@ -363,6 +373,7 @@ def run_litgpt(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
 RUNNER_FUNCTIONS: dict[str, Callable[[TrainConfig, Bench], dict[str, Any]]] = {
     "lightning": run_lightning,
     "bare": run_bare,
+    "bare_sync": run_bare_sync,
     "litgpt": run_litgpt,
 }
 RUNNERS = tuple(RUNNER_FUNCTIONS)

@@ -37,6 +37,7 @@ def bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_throughput_on_cpu_writes_json_for_lightning_and_bare(tmp_path):
     out = tmp_path / "bench.json"
     args = ["--model", "quickstart", "--micro-batch", "2", "--seq-len", "64", "--steps", "4", "--warmup", "1"]
+    args += ["--runners", "lightning,bare,bare_sync,litgpt"]
     result = bench("throughput", *args, "--device", "cpu", "--json", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "lightning" in result.stdout and "bare" in result.stdout  # the table
@@ -60,7 +61,7 @@ def test_throughput_on_cpu_writes_json_for_lightning_and_bare(tmp_path):
     runners = results["runners"]
     assert runners["litgpt"]["status"] in ("ok", "skipped", "failed")
     losses = {}
-    for name in ("lightning", "bare"):
+    for name in ("lightning", "bare", "bare_sync"):
         r = runners[name]
         assert r["status"] == "ok", r
         assert r["tokens_per_s"] > 0 and r["seconds"] > 0 and r["tokens"] == 4 * 2 * 64
@@ -75,6 +76,7 @@ def test_throughput_on_cpu_writes_json_for_lightning_and_bare(tmp_path):
         losses[name] = r["losses"]
     # same model, seed, data, optimizer and schedule: Lightning and the bare loop take the same steps, taking turns
     assert losses["lightning"] == pytest.approx(losses["bare"], rel=1e-5)
+    assert losses["bare_sync"] == losses["bare"]  # reading back changes nothing but the waiting
     assert losses["bare"][-1] < losses["bare"][0]
     lightning, bare = runners["lightning"]["round_tokens_per_s"], runners["bare"]["round_tokens_per_s"]
     per_round = [100 * (b / a - 1) for a, b in zip(lightning, bare)]  # the bare loop's speed over Lightning's
@@ -140,7 +142,7 @@ def test_litgpt_runner_starts_from_the_loss_of_the_lit_open_runners():
 
 def test_bad_runner_is_a_user_error():
     args = build_parser("throughput").parse_args(["throughput", "--runners", "lightning,nope", "--device", "cpu"])
-    with pytest.raises(UserError, match="--runners 'nope': a runner is one of lightning, bare, litgpt, olmo_core"):
+    with pytest.raises(UserError, match="'nope': a runner is one of lightning, bare, bare_sync, litgpt, olmo_core"):
         throughput.run(args)
     args = build_parser("throughput").parse_args(["throughput", "--runners", "bare+float8", "--device", "cpu"])
     with pytest.raises(UserError, match=r"optionally followed by \+KEY=VALUE"):

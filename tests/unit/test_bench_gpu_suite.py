@@ -51,7 +51,7 @@ def test_dry_run_finds_the_gpu_marked_tests_of_every_gpu_path(plan):
 
 def test_dry_run_composes_every_training_config_the_parts_will_run(plan):
     runners = plan["throughput"]["checked"]["runners"]
-    assert list(runners) == ["lightning", "bare", "litgpt", "olmo_core"]
+    assert list(runners) == ["lightning", "bare", "bare_sync", "litgpt", "olmo_core"]
     assert all(
         v.startswith("olmo2_1b, micro-batch 4 x 4096, bf16-mixed, strategy auto") and "compile True" in v
         for v in runners.values()
