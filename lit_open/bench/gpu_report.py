@@ -104,18 +104,20 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def markdown(report: dict[str, Any]) -> str:
     results = report["results"]
-    env = results.get("environment", {})
+    packages = results.get("packages", {})
+    device, versions = report.get("device", {}), report["versions"]
     lines = [
         f"# lit-open GPU suite, {report['date']}",
         "",
-        f"- device: {env.get('gpu', '?')} ({_num(env.get('gpu_memory_gib'), '.0f')} GiB, capability "
-        f"{'.'.join(map(str, env.get('capability', [])))}); torch {env.get('torch')}, CUDA {env.get('cuda')}",
-        f"- lit-open {report['versions'].get('lit_open')} ({report['versions'].get('git_commit')}); "
+        f"- device: {device.get('name', '?')} ({_num(device.get('memory_gib'), '.0f')} GiB, capability "
+        f"{'.'.join(map(str, device.get('capability', [])))}); torch {versions.get('torch')}, "
+        f"CUDA {versions.get('cuda')}",
+        f"- lit-open {versions.get('lit_open')} ({versions.get('git_commit')}); "
         f"`{report['command']}`; {results.get('seconds')} s of a {report['config']['budget_s']:.0f} s budget",
         "- packages: "
         + "; ".join(
             f"{name} {info['version']}" if info["ok"] else f"{name} missing ({info['error']})"
-            for name, info in env.get("packages", {}).items()
+            for name, info in packages.items()
         ),
         "",
         "## Goals",

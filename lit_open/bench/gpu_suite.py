@@ -224,38 +224,30 @@ def describe(cfg: TrainConfig) -> str:
 
 @dataclass
 class Suite:
-    out: Path
+    out: Path  # gpu-suite.md and gpu-suite.log
+    json_path: Path
     budget_s: float
     started: float = field(default_factory=time.monotonic)
     parts: list[dict[str, Any]] = field(default_factory=list)
-    environment: dict[str, Any] = field(default_factory=dict)
+    packages: dict[str, Any] = field(default_factory=dict)  # optional package -> version, or why it does not import
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.started)
 
 
-def environment() -> dict[str, Any]:
-    """The device and which optional packages import here (and why not)."""
-    found: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda, "packages": {}}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        found |= {
-            "gpu": props.name,
-            "capability": list(torch.cuda.get_device_capability(0)),
-            "gpu_memory_gib": props.total_memory / 2**30,
-        }
+def optional_packages() -> dict[str, Any]:
+    """Which optional packages import here, and why not (the device and torch are in the report's envelope)."""
+    found: dict[str, Any] = {}
     for name, why in (("litgpt", runners.litgpt_unavailable()), ("olmo_core", olmo_core.olmo_core_unavailable())):
-        found["packages"][name] = (
-            {"ok": True, "version": _version_of(name)} if why is None else {"ok": False, "error": why}
-        )
+        found[name] = {"ok": True, "version": _version_of(name)} if why is None else {"ok": False, "error": why}
     for name in OPTIONAL_PACKAGES:
-        if name in found["packages"]:
+        if name in found:
             continue
         try:
             module = importlib.import_module(name)
-            found["packages"][name] = {"ok": True, "version": getattr(module, "__version__", None) or _version_of(name)}
+            found[name] = {"ok": True, "version": getattr(module, "__version__", None) or _version_of(name)}
         except Exception as err:  # missing, or broken against this torch: the parts that need it say so
-            found["packages"][name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:300]}
+            found[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"[:300]}
     return found
 
 
@@ -266,9 +258,9 @@ def _version_of(module_name: str) -> str:
 
 def run_part(part: Part, suite: Suite, scratch: Path, log) -> dict[str, Any]:
     record: dict[str, Any] = {"name": part.name, "title": part.title}
-    missing = [n for n in part.needs if not suite.environment["packages"].get(n, {}).get("ok")]
+    missing = [n for n in part.needs if not suite.packages.get(n, {}).get("ok")]
     if missing:
-        why = "; ".join(f"{n}: {suite.environment['packages'][n]['error']}" for n in missing)
+        why = "; ".join(f"{n}: {suite.packages[n]['error']}" for n in missing)
         return record | {"status": "skipped", "note": f"needs {', '.join(missing)} ({why})"}
     left = suite.left()
     if left < part.min_s:
@@ -365,12 +357,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise UserError("gpu-suite needs a CUDA GPU (torch sees none); use --dry-run to check the plan here.")
     args.out.mkdir(parents=True, exist_ok=True)
-    suite = Suite(out=args.out, budget_s=args.budget_s)
-    suite.environment = environment()
+    suite = Suite(out=args.out, json_path=args.json, budget_s=args.budget_s)
+    suite.packages = optional_packages()
     with tempfile.TemporaryDirectory(prefix="gpu-suite-") as scratch, (args.out / "gpu-suite.log").open("w") as log:
         for part in parts:
             suite.parts.append(run_part(part, suite, Path(scratch), log))
-            write_reports(suite, config, args)
+            write_reports(suite, config)
     return {"config": config, "results": results(suite)}
 
 
@@ -400,14 +392,14 @@ def dry_run(parts: list[Part], budget_s: float) -> list[dict[str, Any]]:
 
 def results(suite: Suite) -> dict[str, Any]:
     return {
-        "environment": suite.environment,
+        "packages": suite.packages,
         "parts": suite.parts,
         "goals": check_goals(suite.parts),
         "seconds": round(time.monotonic() - suite.started, 1),
     }
 
 
-def write_reports(suite: Suite, config: dict[str, Any], args: argparse.Namespace) -> None:
+def write_reports(suite: Suite, config: dict[str, Any]) -> None:
     report = envelope("gpu-suite", sys.argv[1:], {"config": config, "results": results(suite)})
-    args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    suite.json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     (suite.out / "gpu-suite.md").write_text(markdown(report))

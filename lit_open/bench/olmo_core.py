@@ -42,7 +42,8 @@ from typing import Any
 
 import torch
 
-from lit_open.bench.runners import Bench, _single_device_mesh, _train_loop
+from lit_open.bench.runners import _single_device_mesh, _train_loop
+from lit_open.bench.turns import RunnerClock
 from lit_open.config import TrainConfig
 from lit_open.dtypes import DTYPES
 from lit_open.errors import UserError
@@ -259,13 +260,13 @@ def _float8_config(cfg: TrainConfig):
     return Float8Config(ao_recipe=AOFloat8LinearRecipe(cfg.strategy.float8))
 
 
-def run_olmo_core(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
+def run_olmo_core(cfg: TrainConfig, clock: RunnerClock) -> None:
     """OLMo-core's Transformer with the same sizes, lit-open's optimizer and loss, and OLMo-core's own
     float8 / activation-checkpointing / compile / FSDP2 methods for the same switches."""
     # optional, as in olmo_core_config
     from olmo_core.nn.transformer import TransformerActivationCheckpointingMode
 
-    model = build_olmo_core_model(cfg, bench.device)
+    model = build_olmo_core_model(cfg, clock.device)
     strategy = cfg.strategy
     if strategy.activation_checkpointing != "none":
         model.apply_activation_checkpointing(
@@ -275,7 +276,7 @@ def run_olmo_core(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
         model.apply_compile()
     if strategy.name == "fsdp":
         model.apply_fsdp(
-            dp_mesh=_single_device_mesh(bench.device)["data_parallel"],
+            dp_mesh=_single_device_mesh(clock.device)["data_parallel"],
             param_dtype=DTYPES[strategy.param_dtype] if strategy.param_dtype else None,
             reduce_dtype=DTYPES[strategy.reduce_dtype],
         )
@@ -283,4 +284,4 @@ def run_olmo_core(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
     def loss_fn(batch: dict[str, Any]) -> torch.Tensor:
         return olmo_core_loss(model, batch["input_ids"], batch["targets"])
 
-    return _train_loop(cfg, bench, model, loss_fn, model.post_optim_step)
+    _train_loop(cfg, clock, model, loss_fn, model.post_optim_step)

@@ -7,9 +7,9 @@
 - `litgpt`: litgpt's `GPT` with the same sizes, initialised as litgpt's pretraining script does, with lit-open's
   optimizer and loss, when `import litgpt` works.
 
-Each runner trains `bench.clock.total_steps` steps and tells its clock (`lit_open.bench.turns`) where each step
-begins and ends, which takes turns with the other runners and times them; it returns the loss of the first and of
-the last step.
+Each runner trains `clock.total_steps` steps on `clock.device` and tells its clock (`lit_open.bench.turns`) where
+each step begins and ends, and its loss: the clock takes turns with the other runners, times them and keeps the
+losses.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,15 +40,6 @@ from lit_open.train.loss import lm_loss
 from lit_open.train.module import LitLM
 from lit_open.train.optim import build_optimizer, build_scheduler
 from lit_open.train.runner import build_strategy, parallel_sizes
-
-
-@dataclass
-class Bench:
-    """What every runner is given besides the config: where to run, and the clock its steps report to."""
-
-    device: torch.device
-    clock: RunnerClock
-
 
 # -- data ------------------------------------------------------------------------------------------------------
 
@@ -139,27 +130,27 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 # -- lightning -------------------------------------------------------------------------------------------------
 
 
-def run_lightning(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
+def run_lightning(cfg: TrainConfig, clock: RunnerClock) -> None:
     """The real LitLM through lightning.Trainer, as `lit-open train` runs it minus loggers, checkpoints, progress."""
 
     class StepClock(Callback):
         """Reports LitLM's steps to the bench clock (the loss: LitLM's metrics of the step just done)."""
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            bench.clock.step_begins(batch_idx)
+            clock.step_begins(batch_idx)
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            bench.clock.step_ends(batch_idx, pl_module.run.last_metrics["train/loss"])
+            clock.step_ends(batch_idx, pl_module.run.last_metrics["train/loss"])
 
     for name in ("lightning.pytorch", "lightning.fabric"):  # banners and tips; warnings stay
         logging.getLogger(name).setLevel(logging.WARNING)
     # torchao, imported by Lightning's fit, registers an Enum with torch's pytree, which warns that it is deprecated
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    total = bench.clock.total_steps
+    total = clock.total_steps
     module = LitLM(cfg)
     with tempfile.TemporaryDirectory(prefix="lit-open-bench-") as root:
         trainer = L.Trainer(
-            accelerator="gpu" if bench.device.type == "cuda" else "cpu",
+            accelerator="gpu" if clock.device.type == "cuda" else "cpu",
             devices=1,
             strategy=build_strategy(cfg.strategy.name, *parallel_sizes(cfg)),
             precision=cfg.trainer.precision,
@@ -179,8 +170,6 @@ def run_lightning(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
         trainer.fit(module, train_dataloaders=make_loader(cfg, total))
     if trainer.global_step != total:
         raise RuntimeError(f"Lightning stopped after {trainer.global_step} of {total} steps")
-    losses = bench.clock.losses()
-    return {"first_loss": losses[0], "loss": losses[-1]}
 
 
 # -- bare ------------------------------------------------------------------------------------------------------
@@ -199,44 +188,43 @@ def build_bare_model(cfg: TrainConfig, device: torch.device) -> Transformer:
     return model.to(device)
 
 
-def run_bare(cfg: TrainConfig, bench: Bench, read_back: bool = False) -> dict[str, Any]:
+def run_bare(cfg: TrainConfig, clock: RunnerClock, read_back: bool = False) -> None:
     """The same model, loss, optimizer, clipping and schedule in a plain PyTorch loop."""
-    model = build_bare_model(cfg, bench.device)
+    model = build_bare_model(cfg, clock.device)
 
     def loss_fn(batch: dict[str, Any]) -> torch.Tensor:
         hidden = model(batch["input_ids"], batch.get("doc_ids"), return_hidden=True)
         return lm_loss(hidden, model.output, batch["targets"], cfg.strategy.loss_chunk_tokens).loss
 
-    return _train_loop(cfg, bench, model, loss_fn, lambda: after_optimizer_step(model, cfg.strategy), read_back)
+    _train_loop(cfg, clock, model, loss_fn, lambda: after_optimizer_step(model, cfg.strategy), read_back)
 
 
-def run_bare_sync(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
+def run_bare_sync(cfg: TrainConfig, clock: RunnerClock) -> None:
     """The bare loop reading the loss and the gradient norm back before each update, as LitLM does for its metrics
     and its plugins' skip and rollback decisions: `lightning` against it is Lightning's own overhead, it against
     `bare` that synchronisation's."""
-    return run_bare(cfg, bench, read_back=True)
+    run_bare(cfg, clock, read_back=True)
 
 
 def _train_loop(
     cfg: TrainConfig,
-    bench: Bench,
+    clock: RunnerClock,
     model: torch.nn.Module,
     loss_fn: Callable[[dict[str, Any]], torch.Tensor],
     after_step: Callable[[], None],
     read_back: bool = False,
-) -> dict[str, Any]:
+) -> None:
     """Steps of forward + loss (under autocast for bf16-mixed), backward, clip, AdamW, LR schedule, as the clock
     asks; fetching a batch belongs to the step (as in Lightning's loop). Nothing is read back to the host until the
     end (the losses stay on the device), unless `read_back`: then the loss and the gradient norm before each update."""
     from lit_open.train.module import clip_gradients  # LitLM's own; lit_open.train.module imports lightning, hence here
 
-    clock = bench.clock
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, clock.total_steps)
     for i, batch in enumerate(make_loader(cfg, clock.total_steps)):
         clock.step_begins(i)
-        batch = _to_device(batch, bench.device)
-        with _autocast(cfg, bench.device):
+        batch = _to_device(batch, clock.device)
+        with _autocast(cfg, clock.device):
             loss = loss_fn(batch)
         loss.backward()
         grad_norm = clip_gradients([p for p in model.parameters() if p.grad is not None], cfg.optim.grad_clip)
@@ -248,8 +236,6 @@ def _train_loop(
         optimizer.zero_grad(set_to_none=True)
         clock.step_ends(i, loss)
     del optimizer, scheduler
-    losses = clock.losses()
-    return {"first_loss": losses[0], "loss": losses[-1]}
 
 
 # -- litgpt ----------------------------------------------------------------------------------------------------
@@ -326,12 +312,12 @@ def init_litgpt_weights(model: torch.nn.Module) -> None:
     reset_parameters(model)
 
 
-def run_litgpt(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
+def run_litgpt(cfg: TrainConfig, clock: RunnerClock) -> None:
     """litgpt's GPT with the same sizes, lit-open's optimizer and loss, and the same compile/AC/FSDP2 switches."""
     from litgpt.model import GPT  # optional, as in litgpt_config
 
     true_bf16 = cfg.trainer.precision == "bf16-true"
-    with torch.device(bench.device), _default_dtype(torch.bfloat16) if true_bf16 else contextlib.nullcontext():
+    with torch.device(clock.device), _default_dtype(torch.bfloat16) if true_bf16 else contextlib.nullcontext():
         model = GPT(litgpt_config(cfg.model))
         torch.manual_seed(cfg.run.seed)  # litgpt builds under empty_init: its draws start at the seed
         init_litgpt_weights(model)
@@ -360,17 +346,17 @@ def run_litgpt(cfg: TrainConfig, bench: Bench) -> dict[str, Any]:
         for block in blocks:
             block.compile()
     if cfg.strategy.name == "fsdp":
-        apply_fsdp(model, blocks, _single_device_mesh(bench.device)["data_parallel"], cfg.strategy)
-    model = model.to(bench.device)
+        apply_fsdp(model, blocks, _single_device_mesh(clock.device)["data_parallel"], cfg.strategy)
+    model = model.to(clock.device)
 
     def loss_fn(batch: dict[str, Any]) -> torch.Tensor:
         hidden = model(batch["input_ids"])
         return lm_loss(hidden, head, batch["targets"], cfg.strategy.loss_chunk_tokens).loss
 
-    return _train_loop(cfg, bench, model, loss_fn, lambda: None)
+    _train_loop(cfg, clock, model, loss_fn, lambda: None)
 
 
-RUNNER_FUNCTIONS: dict[str, Callable[[TrainConfig, Bench], dict[str, Any]]] = {
+RUNNER_FUNCTIONS: dict[str, Callable[[TrainConfig, RunnerClock], None]] = {
     "lightning": run_lightning,
     "bare": run_bare,
     "bare_sync": run_bare_sync,

@@ -31,7 +31,7 @@ from rich.table import Table
 
 from lit_open.bench import olmo_core, runners
 from lit_open.bench.measure import device_name, resolve_device
-from lit_open.bench.turns import SCHEDULES, RunnerClock, Turns, ratio_stats
+from lit_open.bench.turns import SCHEDULES, RunnerClock, TurnLog, Turns, ratio_stats
 from lit_open.compose import conf_dir, load_train_config
 from lit_open.config import FLOAT8_RECIPES, OPTIMIZERS, PRECISIONS, TrainConfig
 from lit_open.errors import UserError
@@ -41,7 +41,7 @@ from lit_open.model.flops import flops_per_token, non_embedding_parameters
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 # runner -> its training loop, and (for the other projects' models) why it cannot run here, or None
-RUNNER_FUNCTIONS: dict[str, Callable[[TrainConfig, runners.Bench], dict[str, Any]]] = {
+RUNNER_FUNCTIONS: dict[str, Callable[[TrainConfig, RunnerClock], None]] = {
     **runners.RUNNER_FUNCTIONS,
     "olmo_core": olmo_core.run_olmo_core,
 }
@@ -171,11 +171,6 @@ def parse_runners(text: str) -> list[RunnerSpec]:
     return specs
 
 
-def load_config(args: argparse.Namespace, device: torch.device) -> tuple[TrainConfig, list[str]]:
-    overrides = hydra_overrides(args, device)
-    return load_train_config(overrides), overrides
-
-
 def load_configs(args: argparse.Namespace, device: torch.device, specs: list[RunnerSpec]) -> dict[str, TrainConfig]:
     """Each runner's training config (all composed before anything is built: a bad override fails at once)."""
     base = hydra_overrides(args, device)
@@ -203,7 +198,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rounds, timed_steps = timing(args)
     device = resolve_device(args.device)
     cfgs = load_configs(args, device, specs)
-    base_cfg, overrides = load_config(args, device)
+    overrides = hydra_overrides(args, device)
+    base_cfg = load_train_config(overrides)
     if base_cfg.trainer.matmul_precision:
         torch.set_float32_matmul_precision(base_cfg.trainer.matmul_precision)
     turns = Turns(device, args.warmup, rounds, args.round_steps, args.schedule)
@@ -250,30 +246,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for spec in specs
         if spec.runner in UNAVAILABLE and (why := UNAVAILABLE[spec.runner](cfgs[spec.label].model))
     }
-    loops = {s.label: _loop(s, cfgs[s.label], device, args.schedule) for s in specs if s.label not in skipped}
+    loops = {s.label: _loop(s, cfgs[s.label], args.schedule) for s in specs if s.label not in skipped}
     sharded = any(cfg.strategy.name == "fsdp" for cfg in cfgs.values())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
         warnings.filterwarnings("ignore", message=".*have no `val_dataloader`.*")  # nothing to validate here
         with runners.single_process_group(device) if sharded else contextlib.nullcontext():
-            returned = turns.run(loops)
+            turns.run(loops)
     for spec in specs:
         if spec.label in skipped:
             results["runners"][spec.label] = {"status": "skipped", "note": skipped[spec.label]}
         else:
-            cfg = cfgs[spec.label]
-            results["runners"][spec.label] = _summary(turns, spec.label, returned.get(spec.label), cfg, peak)
+            results["runners"][spec.label] = _summary(turns.logs[spec.label], turns, cfgs[spec.label], peak)
     _compare(results, args.reference, labels)
     print_table(config, results, name)
     return {"config": config, "results": results}
 
 
-def _loop(spec: RunnerSpec, cfg: TrainConfig, device: torch.device, schedule: str) -> Callable[[RunnerClock], dict]:
-    def loop(clock: RunnerClock) -> dict[str, Any]:
+def _loop(spec: RunnerSpec, cfg: TrainConfig, schedule: str) -> Callable[[RunnerClock], None]:
+    def loop(clock: RunnerClock) -> None:
         torch.manual_seed(cfg.run.seed)
         try:
-            return RUNNER_FUNCTIONS[spec.runner](cfg, runners.Bench(device=device, clock=clock))
+            RUNNER_FUNCTIONS[spec.runner](cfg, clock)
         finally:
             if schedule == "sequential" and cfg.strategy.compile:  # the next runner compiles afresh, as alone
                 torch._dynamo.reset()
@@ -282,14 +277,9 @@ def _loop(spec: RunnerSpec, cfg: TrainConfig, device: torch.device, schedule: st
     return loop
 
 
-def _summary(
-    turns: Turns, label: str, returned: dict[str, Any] | None, cfg: TrainConfig, peak: float | None
-) -> dict[str, Any]:
-    log = turns.logs[label]
-    if returned is None:
-        error = log.error or "the runner returned nothing"
-        last = error.strip().splitlines()[-1]
-        return {"status": "failed", "note": last, "traceback": error}
+def _summary(log: TurnLog, turns: Turns, cfg: TrainConfig, peak: float | None) -> dict[str, Any]:
+    if log.error is not None:
+        return {"status": "failed", "note": log.error.strip().splitlines()[-1], "traceback": log.error}
     tokens_per_turn = cfg.data.micro_batch_size * cfg.data.seq_len * (turns.round_steps - 1)
     per_round = [tokens_per_turn / s for s in log.seconds]
     per_token = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -308,8 +298,8 @@ def _summary(
         "flops_per_token": per_token,
         "achieved_tflops": per_token * tokens_per_s / 1e12,
         "mfu": per_token * tokens_per_s / peak if peak else None,
-        "first_loss": returned["first_loss"],
-        "loss": returned["loss"],
+        "first_loss": log.losses[0],
+        "loss": log.losses[-1],
         "losses": log.losses,
         "loss_finite": all(math.isfinite(x) for x in log.losses),
         **log.peak,
@@ -322,8 +312,8 @@ def _compare(results: dict[str, Any], reference: str | None, labels: list[str]) 
     if reference is None:
         reference = "bare" if "bare" in ok else next(iter(ok), labels[0])
     results["reference"] = reference
-    for r in ok.values():
-        if reference in ok:
+    if reference in ok:
+        for r in ok.values():
             r["vs_reference"] = ratio_stats(ok[reference]["round_tokens_per_s"], r["round_tokens_per_s"])
     if "lightning" in ok and "bare" in ok:
         stats = ratio_stats(ok["lightning"]["round_tokens_per_s"], ok["bare"]["round_tokens_per_s"])

@@ -85,17 +85,19 @@ class Turns:
 
     # -- the scheduler's side, in the calling thread -----------------------------------------------------------
 
-    def run(self, loops: dict[str, Callable[[RunnerClock], dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-        """Run every loop (a function of its clock that trains `total_steps` steps and returns its results) in
-        turns; returns the results of the loops that returned (a loop that raised has `logs[name].error`)."""
-        results: dict[str, dict[str, Any]] = {}
+    def run(self, loops: dict[str, Callable[[RunnerClock], None]]) -> None:
+        """Run every loop (a function of its clock that trains `total_steps` steps, reporting each to the clock) in
+        turns. What each measured is in `logs[name]`: its timed turns, every step's loss, its peak memory, and the
+        traceback of a loop that raised."""
 
-        def body(name: str, loop: Callable[[RunnerClock], dict[str, Any]]) -> None:
+        def body(name: str, loop: Callable[[RunnerClock], None]) -> None:
             try:
                 self._wait_for_turn(name)
                 reset_peak_memory(self.device)
                 progress(f"{name}: building, {self.warmup} warmup steps")
-                results[name] = loop(RunnerClock(self, name))
+                clock = RunnerClock(self, name)
+                loop(clock)
+                clock.read_losses()
                 progress(f"{name}: done, {self.total_steps} steps")
             except BaseException:  # a runner's failure is its result; the others carry on
                 self.logs[name].error = traceback.format_exc()
@@ -131,7 +133,6 @@ class Turns:
                 turn += 1
             for thread in threads.values():
                 thread.join()
-        return results
 
     def _give_turn(self, name: str) -> None:
         """Hand the baton to `name` and wait until it gives it back (or its loop has ended)."""
@@ -156,6 +157,10 @@ class RunnerClock:
     def total_steps(self) -> int:
         return self.turns.total_steps
 
+    @property
+    def device(self) -> torch.device:
+        return self.turns.device
+
     def step_begins(self, step: int) -> None:
         """Before step `step`'s device work: a turn of an interleaved schedule starts a new peak-memory window."""
         first, _ = self.turns.turn_bounds(step)
@@ -179,12 +184,11 @@ class RunnerClock:
             if step < turns.total_steps - 1:
                 turns._end_turn(self.name)
 
-    def losses(self) -> list[float]:
-        """Every step's loss as floats (the tensors read back at once)."""
+    def read_losses(self) -> None:
+        """Every step's loss into the log, as floats (the tensors read back at once, after the loop)."""
         tensors = [x for x in self._losses if isinstance(x, torch.Tensor)]
         values = iter(torch.stack(tensors).float().tolist() if tensors else [])
         self.log.losses = [next(values) if isinstance(x, torch.Tensor) else float(x) for x in self._losses]
-        return self.log.losses
 
 
 def progress(message: str) -> None:

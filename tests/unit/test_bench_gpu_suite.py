@@ -80,8 +80,8 @@ def test_a_real_run_needs_a_gpu_and_bad_parts_are_user_errors(tmp_path, monkeypa
 
 
 def suite(tmp_path, budget: float, packages: dict) -> gpu_suite.Suite:
-    s = gpu_suite.Suite(out=tmp_path, budget_s=budget)
-    s.environment = {"packages": packages}
+    s = gpu_suite.Suite(out=tmp_path, json_path=tmp_path / "gpu-suite.json", budget_s=budget)
+    s.packages = packages
     return s
 
 
@@ -146,7 +146,7 @@ def test_goals_are_per_round_ratios_and_peak_memory_against_80_gb(tmp_path):
     assert (amber["measured"], amber["met"]) == (81.5, False)  # 81.5 GiB reserved > 79
 
     report = {"date": "2026-12-04", "versions": {"lit_open": "0.1", "git_commit": "abc"}, "command": "x",
-              "config": {"budget_s": 480}, "results": {"environment": {}, "parts": parts, "seconds": 1,
+              "config": {"budget_s": 480}, "results": {"packages": {}, "parts": parts, "seconds": 1,
                                                        "goals": check_goals(parts)}}  # fmt: skip
     text = markdown(report)
     assert "| amber_7b full fine-tune, adamw8bit + full AC: peak reserved GiB (80 GB GPU) | <= 79.0 | 81.500 |" in text

@@ -26,7 +26,6 @@ def recording_loop(name: str, events: list, lock: threading.Lock, fail_at: int |
                 raise RuntimeError(f"{name} broke at step {step}")
             time.sleep(step_s)
             clock.step_ends(step, torch.tensor(float(step)))
-        return {"losses": clock.losses()}
 
     return loop
 
@@ -34,7 +33,7 @@ def recording_loop(name: str, events: list, lock: threading.Lock, fail_at: int |
 def test_interleaved_turns_rotate_and_each_turn_times_all_but_its_first_step():
     events, lock = [], threading.Lock()
     turns = Turns(CPU, warmup=2, rounds=3, round_steps=3, schedule="interleaved")
-    results = turns.run({n: recording_loop(n, events, lock) for n in "abc"})
+    turns.run({n: recording_loop(n, events, lock) for n in "abc"})
     turn = [(events[i][0], [s for _, s in events[i : i + 3]]) for i in range(6, len(events), 3)]
     assert events[:6] == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 0), ("c", 1)]  # build + warmup, in order
     assert turn == [  # then rounds of 3 steps each, the order rotated every round
@@ -44,7 +43,7 @@ def test_interleaved_turns_rotate_and_each_turn_times_all_but_its_first_step():
     ]  # fmt: skip
     for name in "abc":
         assert len(turns.logs[name].seconds) == 3 and all(s >= 0 for s in turns.logs[name].seconds)
-        assert results[name]["losses"] == [float(s) for s in range(11)]  # every step's loss, read back at the end
+        assert turns.logs[name].losses == [float(s) for s in range(11)]  # every step's loss, read back at the end
         assert turns.logs[name].peak["peak_memory_gib"] > 0
 
 
@@ -59,9 +58,10 @@ def test_sequential_turns_run_one_runner_to_its_end_before_the_next():
 def test_a_failing_runner_is_recorded_and_the_others_finish():
     events, lock = [], threading.Lock()
     turns = Turns(CPU, warmup=1, rounds=3, round_steps=2, schedule="interleaved")
-    results = turns.run({"a": recording_loop("a", events, lock), "b": recording_loop("b", events, lock, fail_at=4)})
-    assert "b broke at step 4" in turns.logs["b"].error and "b" not in results
-    assert results["a"]["losses"] == [float(s) for s in range(7)] and len(turns.logs["a"].seconds) == 3
+    turns.run({"a": recording_loop("a", events, lock), "b": recording_loop("b", events, lock, fail_at=4)})
+    assert "b broke at step 4" in turns.logs["b"].error and turns.logs["b"].losses == []
+    assert turns.logs["a"].error is None
+    assert turns.logs["a"].losses == [float(s) for s in range(7)] and len(turns.logs["a"].seconds) == 3
     assert ("b", 5) not in events and ("a", 6) in events
 
 
@@ -86,7 +86,6 @@ def drifting_loop(step_s: float, steps_done: list[int], slow_after: int):
             time.sleep(step_s * (3.0 if steps_done[0] >= slow_after else 1.0))
             steps_done[0] += 1  # one runner steps at a time
             clock.step_ends(step, 0.0)
-        return {}
 
     return loop
 
