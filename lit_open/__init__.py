@@ -1,11 +1,8 @@
 """lit-open: an open trainer for large language models (Lightning, Hydra recipes, litdata)."""
 
-from importlib.metadata import PackageNotFoundError, version
+from lit_open.provenance import lit_open_version
 
-try:
-    __version__ = version("lit-open")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
+__version__ = lit_open_version()
 
 __all__ = ["__version__", "load_hf", "save_hf"]
 

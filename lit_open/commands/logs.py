@@ -7,7 +7,6 @@ logger as training would have logged them (lit_open.train.loggers: monotonic log
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from collections import Counter
@@ -20,6 +19,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from lit_open.checkpoint.atomic import atomic_file
+from lit_open.commands.report import read_metric_rows
 from lit_open.compose import load_command_config
 from lit_open.config import WANDB_MODES, LogsConfig, MLflowConfig, WandbConfig
 from lit_open.errors import UserError, check_choice
@@ -50,7 +50,7 @@ def sync(cfg: LogsConfig) -> dict[str, int]:
             "there with logger.csv=true, the default)."
         )
     record = _run_record(run_dir)
-    rows = _read_rows(metrics)
+    rows = read_metric_rows(metrics)
     events = read_events(run_dir / "events.jsonl")
     state_path = run_dir / "logs" / f"sync-{cfg.to}.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
@@ -99,12 +99,6 @@ def identities(items: list[dict[str, Any]]) -> list[str]:
         keys.append(f"{digest}#{seen[digest]}")
         seen[digest] += 1
     return keys
-
-
-def _read_rows(path: Path) -> list[dict[str, float]]:
-    """metrics.csv rows as {key: value} without the empty cells (its columns grow as new metrics appear)."""
-    with path.open(newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
 def _run_record(run_dir: Path) -> dict[str, Any]:

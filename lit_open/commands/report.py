@@ -116,16 +116,23 @@ def read_trace(directory: str | Path, label: str | None = None) -> Trace:
             f"lit-open report: {directory} has no logs/metrics.csv: is it a run directory (run.dir of a `lit-open "
             "train`), and has the run logged a step yet?"
         )
+    rows = read_metric_rows(metrics)
+    if not rows:
+        raise UserError(f"lit-open report: {metrics} has no rows yet.")
+    return Trace(label or directory.resolve().name, directory, rows, read_events(directory / "events.jsonl"))
+
+
+def read_metric_rows(path: Path) -> list[dict[str, float]]:
+    """metrics.csv rows, in file order, as {key: value} without the empty cells (its columns grow as new metrics
+    appear) and without cells that are not numbers; rows without a step are left out."""
     rows = []
-    with metrics.open(newline="") as f:
+    with path.open(newline="") as f:
         for record in csv.DictReader(f):
             row = {k: _number(v) for k, v in record.items() if k and v not in (None, "")}
             row = {k: v for k, v in row.items() if v is not None}
             if "step" in row:
                 rows.append(row)
-    if not rows:
-        raise UserError(f"lit-open report: {metrics} has no rows yet.")
-    return Trace(label or directory.resolve().name, directory, rows, read_events(directory / "events.jsonl"))
+    return rows
 
 
 def _number(text: str) -> float | None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lit_open.data.readers import InputFile
 from lit_open.errors import UserError
 from lit_open.provenance import lit_open_version
+
+if TYPE_CHECKING:  # readers (and the hub code it imports) are for prepare, not for training's manifest reads
+    from lit_open.data.readers import InputFile
 
 FORMAT = "lit-open-tokens/1"
 MANIFEST = "manifest.json"

@@ -35,9 +35,10 @@ class EventLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as f:
                 f.write(line)
+            decoded = json.loads(line)  # what a reader of events.jsonl gets (non-finite floats as strings)
             for listener in self.listeners:
                 try:
-                    listener(json.loads(line))
+                    listener(decoded)
                 except Exception as err:  # a logger's outage must not end a run: the event is in events.jsonl
                     warnings.warn(f"Could not pass the {event!r} event at step {step} to a logger: {err}", stacklevel=2)
 
